@@ -1,13 +1,13 @@
 """The one path convention of a run (DESIGN section 5). Nothing else builds storage paths.
 
-    {root}/{run_id}/pipeline.json
-    {root}/{run_id}/{stage}/manifest.json           written last, when the stage completes
-    {root}/{run_id}/{stage}/metrics.jsonl
-    {root}/{run_id}/{stage}/checkpoints/step_000040/...   + COMMITTED, written last
-    {root}/{run_id}/{stage}/checkpoints/latest      name of the newest committed step
-    {root}/{run_id}/{stage}/final/{policy,value,reward_model}/
-    {root}/{run_id}/{stage}/rollouts/step=000040/part-00000.parquet
-    {root}/{run_id}/evaluate/{label}/report.{json,md,html}, samples.parquet, plots/
+{root}/{run_id}/pipeline.json
+{root}/{run_id}/{stage}/manifest.json           written last, when the stage completes
+{root}/{run_id}/{stage}/metrics.jsonl
+{root}/{run_id}/{stage}/checkpoints/step_000040/...   + COMMITTED, written last
+{root}/{run_id}/{stage}/checkpoints/latest      name of the newest committed step
+{root}/{run_id}/{stage}/final/{policy,value,reward_model}/
+{root}/{run_id}/{stage}/rollouts/step=000040/part-00000.parquet
+{root}/{run_id}/evaluate/{label}/report.{json,md,html}, samples.parquet, plots/
 """
 
 from __future__ import annotations
@@ -103,4 +103,6 @@ class RunLayout:
 
 def list_run_ids(root: Location) -> list[str]:
     """Runs under a storage root: folders holding a pipeline.json."""
-    return [name for name in root.list_names() if _RUN_ID.match(name) and (root / name / "pipeline.json").exists()]
+    return [
+        name for name in root.list_names() if _RUN_ID.match(name) and (root / name / "pipeline.json").exists()
+    ]

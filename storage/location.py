@@ -35,11 +35,7 @@ def resolve_root(root: str | None = None) -> str:
 
 
 def _s3_endpoint(endpoint_url: str | None) -> str | None:
-    return (
-        endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True)
@@ -160,4 +156,3 @@ class Location:
         fs, path = self.fs, self.path
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
-

@@ -1,4 +1,3 @@
-from storage.location import Location
 def test_roundtrip(storage_root):
     loc = storage_root / "a" / "b.txt"
     loc.write_text("hi")
@@ -6,5 +5,5 @@ def test_roundtrip(storage_root):
     assert storage_root.list_names() == ["a"]
     assert (storage_root / "a").list_names() == ["b.txt"]
     assert storage_root.walk_files() == ["a/b.txt"]
-    (storage_root/"a").remove(recursive=True)
+    (storage_root / "a").remove(recursive=True)
     assert not loc.exists()

@@ -1,0 +1,180 @@
+"""`rlpipe`: run the pipeline, inspect runs, benchmark. Bad input: one line on stderr, exit code 1 or 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from stages.config import ConfigError, config_hash
+from stages.runs import open_run, resolve_config
+from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
+from storage.location import Location, StorageError, resolve_root
+from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
+
+app = typer.Typer(
+    help="PPO with a learned critic for reasoning LMs: a resumable pipeline over object storage.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks (speed is measured here, never asserted in tests).", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", help="Recipe YAML (default: configs/tiny.yaml).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set a.b=value (repeatable).")
+]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Storage root URI (default: $RLPIPE_STORAGE, else ./runs).")
+]
+EndpointOpt = Annotated[
+    str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
+]
+
+
+def _root(storage: str | None, endpoint_url: str | None) -> Location:
+    return Location(resolve_root(storage), endpoint_url)
+
+
+def _existing_layout(run_id: str, storage: str | None, endpoint_url: str | None) -> RunLayout:
+    try:
+        layout = RunLayout(_root(storage, endpoint_url), run_id)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if read_pipeline_record(layout) is None:
+        raise ConfigError(f"unknown run '{run_id}' in {layout.root}")
+    return layout
+
+
+@app.command()
+def run(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Run id (default: <recipe>-<timestamp>).")
+    ] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Run the pipeline: create (or reopen) the run in storage and run its stages in order."""
+    config, existed = resolve_config(recipe, set_, run_id=run_id, storage=storage)
+    layout = open_run(config)
+    typer.echo(f"{'reopened' if existed else 'created'} run {config.run_id} at {layout.run}")
+    typer.echo(f"config hash {config_hash(config)[:16]}; record {layout.pipeline_config}")
+    for stage in STAGE_NAMES:
+        typer.echo(f"  {stage:<14} {stage_status(layout, stage)}")
+
+
+@app.command("config")
+def show_config(recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved, validated config of a recipe plus overrides, and its hash."""
+    config, _ = resolve_config(recipe, set_)
+    typer.echo(json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
+    typer.echo(f"config_hash: {config_hash(config)}")
+
+
+@app.command()
+def runs(storage: StorageOpt = None, endpoint_url: EndpointOpt = None) -> None:
+    """List the runs under a storage root with each stage's status (complete, partial, -)."""
+    root = _root(storage, endpoint_url)
+    run_ids = list_run_ids(root)
+    if not run_ids:
+        typer.echo(f"no runs in {root}")
+        return
+    typer.echo(f"{'run_id':<32} {'created':<26} " + " ".join(f"{s:<14}" for s in STAGE_NAMES))
+    for run_id in run_ids:
+        layout = RunLayout(root, run_id)
+        record = read_pipeline_record(layout) or {}
+        statuses = " ".join(f"{stage_status(layout, s):<14}" for s in STAGE_NAMES)
+        typer.echo(f"{run_id:<32} {record.get('created_at', '?'):<26} {statuses}")
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="The run to show.")],
+    storage: StorageOpt = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Print a run's config and the manifest of every completed stage."""
+    layout = _existing_layout(run_id, storage, endpoint_url)
+    record = read_pipeline_record(layout)
+    typer.echo(f"run {run_id} at {layout.run} (created {record.get('created_at')})")
+    typer.echo(json.dumps(record.get("config", {}), indent=2, sort_keys=True))
+    for stage in STAGE_NAMES:
+        manifest = read_manifest(layout.manifest(stage))
+        if manifest is None:
+            typer.echo(f"\n[{stage}] {stage_status(layout, stage)}")
+            continue
+        typer.echo(f"\n[{stage}] complete {manifest.finished_at}  config {manifest.config_hash[:16]}")
+        for name, uri in sorted(manifest.outputs.items()):
+            typer.echo(f"  output  {name}: {uri}")
+        for name, value in sorted(manifest.metrics.items()):
+            typer.echo(f"  metric  {name}: {value}")
+
+
+@bench_app.command("gae")
+def bench_gae_command(
+    batch: Annotated[int, typer.Option(min=1, help="Sequences.")] = 512,
+    length: Annotated[int, typer.Option(min=1, help="Response tokens per sequence.")] = 16384,
+    gamma: Annotated[float, typer.Option(help="Discount.")] = 1.0,
+    lam: Annotated[float, typer.Option(help="GAE lambda (ignored with --alpha).")] = 0.95,
+    alpha: Annotated[
+        float | None, typer.Option(help="Length-adaptive lambda with this alpha (VAPO).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each; the best counts.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Vectorised compute_gae vs. the per-timestep loop (vectorised over the batch), float32."""
+    from stages.benchmarks import bench_gae
+
+    result = bench_gae(batch, length, gamma, lam, alpha, repeats)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"GAE  B={batch} T={length} lambda={result['lambda']} float32, {result['threads']} threads")
+    typer.echo(f"  per-timestep loop  {result['loop_s'] * 1000:9.1f} ms")
+    typer.echo(f"  compute_gae        {result['vectorised_s'] * 1000:9.1f} ms")
+    typer.echo(f"  speedup            {result['speedup']:9.1f} x")
+    typer.echo(f"  max rel. error     {result['max_rel_error']:9.2e}")
+
+
+# typer >= 0.20 vendors its own click; older ones raise click's classes. Catch both.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+# Errors a user can cause or fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, StorageError, ManifestError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except _EXIT as done:
+        return done.exit_code
+    except _ABORT:
+        typer.echo("error: aborted", err=True)
+        return 130
+    except _USAGE_ERRORS as err:
+        if type(err).__name__ == "NoArgsIsHelpError" and getattr(err, "ctx", None) is not None:
+            typer.echo(err.ctx.get_help())  # bare `rlpipe` / `rlpipe bench`: show help
+            return 2
+        typer.echo(f"error: {err.format_message()}", err=True)
+        return 2
+    except USER_ERRORS as err:
+        typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
+        return 1
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -75,3 +75,39 @@ def storage_root(request) -> Location:
     if request.param == "local":
         return request.getfixturevalue("local_root")
     return request.getfixturevalue("s3_root")
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny random Qwen2 causal LM in Hugging Face format, for tests of models, engines, generation.
+# Token ids only: 0 = pad, 1 = eos. (The offline `tiny` recipe's real builder is tested on its own.)
+# ---------------------------------------------------------------------------------------------
+TINY_PAD_ID, TINY_EOS_ID, TINY_VOCAB = 0, 1, 64
+
+
+def make_tiny_qwen2(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=TINY_PAD_ID,
+        eos_token_id=TINY_EOS_ID,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).float().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """Path of a saved tiny random Qwen2ForCausalLM (safetensors), built once per session."""
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    make_tiny_qwen2().save_pretrained(path)
+    return str(path)

@@ -1,4 +1,6 @@
-"""Run configuration: one frozen pydantic model per section, a recipe YAML, `--set a.b=value` overrides.
+"""Configuration machinery: frozen documented sections, recipe YAML, `--set a.b=value` overrides, hashing.
+
+The whole run's model, composed of the stage sections, is `stages.pipeline_config.PipelineConfig`.
 
 - Every field has a description: it is the help text of the CLI and of the Prefect UI form.
 - Unknown keys and bad values fail with one line naming the dotted key (`ConfigError`).
@@ -22,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 class ConfigError(ValueError):
@@ -62,24 +63,6 @@ class WandbConfig(Section):
         "offline",
         description="offline writes runs locally (sync later with `wandb sync`); online needs WANDB_API_KEY "
         "in the environment; disabled logs to metrics.jsonl only.",
-    )
-
-
-class PipelineConfig(Section):
-    """The whole run: one section per concern; stage sections join as the stages land."""
-
-    run_id: str | None = non_semantic(
-        None, description="Run id (folder under the storage root). Default: <recipe>-<UTC timestamp>."
-    )
-    recipe: str = non_semantic(
-        "custom", description="Name of the recipe this config came from (informational)."
-    )
-    seed: int = Field(0, ge=0, description="Global seed: data order, sampling, initialisation.")
-    storage: StorageConfig = non_semantic(
-        default_factory=StorageConfig, description="Where runs are stored (not part of the config hash)."
-    )
-    wandb: WandbConfig = non_semantic(
-        default_factory=WandbConfig, description="Experiment tracking (not part of the config hash)."
     )
 
 
@@ -134,9 +117,7 @@ def _field_at(model: type[BaseModel], dotted: str) -> None:
             return  # inside a free-form value (dict): the model validates it later
 
 
-def apply_overrides(
-    data: dict[str, Any], overrides: list[str], model: type[BaseModel] = PipelineConfig
-) -> dict:
+def apply_overrides(data: dict[str, Any], overrides: list[str], model: type[BaseModel]) -> dict:
     """Set each `a.b=value` into a copy of `data`, rejecting keys the model does not have."""
     data = json.loads(json.dumps(data))
     for text in overrides:
@@ -164,17 +145,11 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"config key '{key}': {first['msg']}{shown}{more}"
 
 
-def validate_config(data: dict[str, Any], model: type[BaseModel] = PipelineConfig) -> Any:
+def validate_config(data: dict[str, Any], model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
-
-
-def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Recipe (default: the offline `tiny` recipe) + overrides -> validated PipelineConfig."""
-    data = load_recipe(recipe or DEFAULT_RECIPE)
-    return validate_config(apply_overrides(data, overrides or []))
 
 
 # ---------------------------------------------------------------------------------------------

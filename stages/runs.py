@@ -10,15 +10,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stages.config import (
-    DEFAULT_RECIPE,
-    ConfigError,
-    PipelineConfig,
-    apply_overrides,
-    config_hash,
-    load_recipe,
-    validate_config,
-)
+from stages.config import ConfigError, apply_overrides, config_hash, load_recipe, validate_config
+from stages.pipeline_config import DEFAULT_RECIPE, PipelineConfig
 from storage.layout import RunLayout, validate_run_id
 from storage.location import Location, resolve_root
 from storage.manifests import read_pipeline_record, write_pipeline_record
@@ -44,7 +37,7 @@ def resolve_config(
     recipe_path = Path(recipe) if recipe else DEFAULT_RECIPE
     recipe_data = load_recipe(recipe_path)
     recipe_data.setdefault("recipe", recipe_path.stem)
-    config = validate_config(apply_overrides(recipe_data, overrides))
+    config = validate_config(apply_overrides(recipe_data, overrides, PipelineConfig), PipelineConfig)
     if config.run_id is None:
         return config.model_copy(update={"run_id": new_run_id(config.recipe)}), False
     try:
@@ -58,7 +51,7 @@ def resolve_config(
     # An existing run keeps its own config; only the overrides given now change it.
     stored = dict(record["config"])
     stored["storage"] = config.storage.model_dump()  # where it was found now, not where it was made
-    return validate_config(apply_overrides(stored, overrides)), True
+    return validate_config(apply_overrides(stored, overrides, PipelineConfig), PipelineConfig), True
 
 
 def open_run(config: PipelineConfig) -> RunLayout:

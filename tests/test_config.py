@@ -7,7 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from stages.config import ConfigError, PipelineConfig, config_hash, load_config, parse_override
+from stages.config import ConfigError, config_hash, parse_override
+from stages.pipeline_config import PipelineConfig, load_config
 from stages.runs import open_run, resolve_config
 
 

@@ -1,0 +1,47 @@
+"""The whole run's configuration: one section per concern, each documented and frozen.
+
+Stage sections are defined beside their stage (`stages/<stage>.py`) and composed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from stages.config import (
+    Section,
+    StorageConfig,
+    WandbConfig,
+    apply_overrides,
+    load_recipe,
+    non_semantic,
+    validate_config,
+)
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class PipelineConfig(Section):
+    """The whole run: one section per concern; stage sections join as the stages land."""
+
+    run_id: str | None = non_semantic(
+        None, description="Run id (folder under the storage root). Default: <recipe>-<UTC timestamp>."
+    )
+    recipe: str = non_semantic(
+        "custom", description="Name of the recipe this config came from (informational)."
+    )
+    seed: int = Field(0, ge=0, description="Global seed: data order, sampling, initialisation.")
+    storage: StorageConfig = non_semantic(
+        default_factory=StorageConfig, description="Where runs are stored (not part of the config hash)."
+    )
+    wandb: WandbConfig = non_semantic(
+        default_factory=WandbConfig, description="Experiment tracking (not part of the config hash)."
+    )
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Recipe (default: the offline `tiny` recipe) + overrides -> validated PipelineConfig."""
+    data: dict[str, Any] = load_recipe(recipe or DEFAULT_RECIPE)
+    return validate_config(apply_overrides(data, overrides or [], PipelineConfig), PipelineConfig)

@@ -1,0 +1,99 @@
+"""Process-group plumbing: rank and world size, init on CPU or GPU, barrier, all-reduce, rank-0 print.
+
+One process works as a world of size 1 (the missing launcher variables are filled in); under
+`deepspeed --num_gpus N` (or torchrun) the launcher's variables are used as they are. On a
+machine without CUDA, DeepSpeed's CPU accelerator is selected (`DS_ACCELERATOR=cpu`) and the
+ranks talk over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (good enough for a single-process rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise the default process group once (idempotent): world size 1 when no launcher set one."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not started by a launcher: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.cuda.is_available():
+        # Must be set before DeepSpeed first picks its accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(local_rank())  # before NCCL init, so each rank binds its own GPU
+    import deepspeed
+
+    # DeepSpeed creates the torch.distributed default group (nccl on GPU, gloo on CPU) and its comm layer.
+    deepspeed.init_distributed(dist_init_required=True, verbose=False)
+
+
+def rank() -> int:
+    return (
+        dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    )
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a world of one or before init."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (`sum`, `mean`, `max`, `min`) across ranks; returns the tensor for chaining."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    ops = {
+        "sum": dist.ReduceOp.SUM,
+        "mean": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+    }
+    dist.all_reduce(tensor, op=ops[op])
+    if op == "mean":
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """`value` as held by rank `src`, on every rank (a plain tensor broadcast: nothing is pickled)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)

@@ -9,8 +9,9 @@ from typing import Annotated
 import click
 import typer
 
+from flows.launcher import StageFailed, run_stage_process
 from stages.config import ConfigError, config_hash
-from stages.runs import open_run, resolve_config
+from stages.runs import available_stages, open_run, resolve_config
 from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
 from storage.location import Location, StorageError, resolve_root
 from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
@@ -68,6 +69,27 @@ def run(
     typer.echo(f"config hash {config_hash(config)[:16]}; record {layout.pipeline_config}")
     for stage in STAGE_NAMES:
         typer.echo(f"  {stage:<14} {stage_status(layout, stage)}")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"Stage to run: {', '.join(STAGE_NAMES)}.")],
+    run_id: Annotated[str, typer.Option("--run-id", help="The run (created from the recipe if new).")],
+    storage: StorageOpt = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks (DeepSpeed launcher when > 1).")] = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="Recompute even if complete for this config.")
+    ] = False,
+) -> None:
+    """Run or resume one stage of a run (resumes from its last committed checkpoint)."""
+    if name not in available_stages():
+        known = ", ".join(available_stages()) or "none"
+        raise ConfigError(f"unknown stage '{name}' (available: {known})")
+    config, _ = resolve_config(recipe, set_, run_id=run_id, storage=storage)
+    open_run(config)
+    run_stage_process(name, config, nproc=nproc, force=force, log_line=typer.echo)
 
 
 @app.command("config")
@@ -149,7 +171,7 @@ _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 
 # Errors a user can cause or fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, StorageError, ManifestError, FileNotFoundError, PermissionError)
+USER_ERRORS = (ConfigError, StorageError, ManifestError, StageFailed, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

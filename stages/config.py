@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
+from storage.location import Location, resolve_root
+
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -52,6 +54,10 @@ class StorageConfig(Section):
         None,
         description="S3-compatible endpoint (MinIO, R2, a local test server). Default: $AWS_ENDPOINT_URL.",
     )
+
+    def root_location(self) -> Location:
+        """The storage root as a Location (explicit root, else $RLPIPE_STORAGE, else ./runs)."""
+        return Location(resolve_root(self.root), self.endpoint_url)
 
 
 class WandbConfig(Section):

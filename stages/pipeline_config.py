@@ -19,6 +19,11 @@ from stages.config import (
     non_semantic,
     validate_config,
 )
+from stages.generation import SamplingConfig
+from stages.models import ModelConfig
+from stages.sft import SFTConfig
+from stages.tasks import TaskConfig
+from stages.tiny_model import TinyModelConfig
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -39,6 +44,22 @@ class PipelineConfig(Section):
     wandb: WandbConfig = non_semantic(
         default_factory=WandbConfig, description="Experiment tracking (not part of the config hash)."
     )
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(policy="tiny"),
+        description="The policy (`tiny` = the offline tiny model; else an HF id, a path or a storage URI) and the critic.",
+    )
+    tiny_model: TinyModelConfig = Field(
+        default_factory=TinyModelConfig,
+        description="Size of the offline tiny model (used when model.policy is `tiny`).",
+    )
+    task: TaskConfig = Field(
+        default_factory=TaskConfig, description="Training problems and the held-out split."
+    )
+    generation: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Sampling of rollouts and in-stage accuracy (backend, temperature...).",
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT warm start (optional stage).")
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -7,18 +7,14 @@ creates it. `--storage` and `--run-id` only say where the run is.
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import datetime, timezone
 from pathlib import Path
 
 from stages.config import ConfigError, apply_overrides, config_hash, load_recipe, validate_config
 from stages.pipeline_config import DEFAULT_RECIPE, PipelineConfig
-from storage.layout import RunLayout, validate_run_id
-from storage.location import Location, resolve_root
+from storage.layout import STAGE_NAMES, RunLayout, validate_run_id
 from storage.manifests import read_pipeline_record, write_pipeline_record
-
-
-def storage_root(config: PipelineConfig) -> Location:
-    return Location(resolve_root(config.storage.root), config.storage.endpoint_url)
 
 
 def new_run_id(recipe_name: str) -> str:
@@ -45,7 +41,7 @@ def resolve_config(
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
-    record = read_pipeline_record(RunLayout(storage_root(config), config.run_id))
+    record = read_pipeline_record(RunLayout(config.storage.root_location(), config.run_id))
     if record is None:
         return config, False
     # An existing run keeps its own config; only the overrides given now change it.
@@ -56,6 +52,11 @@ def resolve_config(
 
 def open_run(config: PipelineConfig) -> RunLayout:
     """Create (or update) the run's pipeline record and return its layout."""
-    layout = RunLayout(storage_root(config), config.run_id)
+    layout = RunLayout(config.storage.root_location(), config.run_id)
     write_pipeline_record(layout, config.model_dump(mode="json"), config_hash=config_hash(config))
     return layout
+
+
+def available_stages() -> list[str]:
+    """Pipeline stages implemented in this installation (a `stages.<name>` module exists)."""
+    return [name for name in STAGE_NAMES if importlib.util.find_spec(f"stages.{name}") is not None]

@@ -1,0 +1,86 @@
+"""The training task of a run: which problems, how they become token ids, in which order.
+
+`TaskConfig` is shared by every stage that trains on prompts (SFT, reward model, critic warmup,
+PPO): they all see the same train/held-out split. The data order is a pure function of
+(seed, step), so a resumed stage draws exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from stages.config import Section
+from stages.datasets import ArithDifficulty, Problem, arith_problems, format_prompt, load_problems
+
+
+class TaskConfig(Section):
+    dataset: Literal["arith", "gsm8k"] = Field(
+        "arith", description="Training problems: procedurally generated `arith` (offline) or `gsm8k`."
+    )
+    train_size: int = Field(
+        4000, ge=1, description="Training problems (arith: generated; gsm8k: the first N)."
+    )
+    heldout_size: int = Field(
+        200, ge=1, description="Held-out problems for in-stage accuracy (the test split)."
+    )
+    data_seed: int = Field(
+        0, ge=0, description="Seed of the arith generator (independent of the training seed)."
+    )
+    difficulty: ArithDifficulty = Field(
+        default_factory=ArithDifficulty, description="Arith difficulty knobs."
+    )
+
+
+def task_problems(task: TaskConfig, split: Literal["train", "test"]) -> list[Problem]:
+    n = task.train_size if split == "train" else task.heldout_size
+    if task.dataset == "arith":
+        return arith_problems(split, n, task.data_seed, task.difficulty)
+    return load_problems(task.dataset, split, limit=n)
+
+
+@dataclass(frozen=True)
+class EncodedProblem:
+    problem: Problem
+    prompt: str
+    prompt_ids: list[int]
+    solution_ids: list[int]  # the worked solution + EOS (empty when the problem has none)
+
+
+def encode_problems(problems: list[Problem], tokenizer) -> list[EncodedProblem]:
+    """Prompt and solution tokenised separately, exactly as generation sees them (prompt, then response)."""
+    encoded = []
+    for problem in problems:
+        prompt = format_prompt(problem)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        solution_ids = (
+            tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if problem.solution
+            else []
+        )
+        encoded.append(EncodedProblem(problem, prompt, prompt_ids, solution_ids))
+    return encoded
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the global batch of `step`: epochs of seeded permutations, read as one stream.
+
+    Deterministic in (seed, step): resuming at step k continues the same stream (the data cursor
+    is step * batch_size).
+    """
+    cursor = step * batch_size
+    indices: list[int] = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(cursor + len(indices), n_items)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(batch_size - len(indices), n_items - offset)
+        indices.extend(order[offset : offset + take].tolist())
+    return indices
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's share of a global batch (interleaved, so shares differ by at most one item)."""
+    return items[rank::world_size]

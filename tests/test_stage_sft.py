@@ -1,0 +1,170 @@
+"""The stage contract, exercised on the SFT stage of the tiny recipe through `rlpipe stage`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storage.checkpoints import committed_steps
+from storage.layout import RunLayout
+from storage.location import Location
+from storage.manifests import read_manifest
+from storage.metrics import read_metrics
+
+RLPIPE = str(Path(sys.executable).parent / "rlpipe")
+# Small enough for CI, big enough that the loss moves: 8 steps of 16 sequences.
+FAST = [
+    "wandb.mode=disabled",
+    "task.train_size=200",
+    "task.heldout_size=16",
+    "generation.max_new_tokens=24",
+    "sft.steps=8",
+    "sft.save_every=4",
+    "sft.log_every=1",
+    "sft.optim.micro_batch_size=8",
+    "sft.optim.grad_accum_steps=2",
+]
+
+
+def rlpipe(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RLPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def final_weights(layout: RunLayout) -> dict[str, torch.Tensor]:
+    directory = layout.final("sft", "policy")
+    assert directory.is_local
+    return load_file(os.path.join(directory.path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted SFT run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("runs")
+    proc = rlpipe("stage", "sft", "--run-id", "base", "--storage", str(root), *sets(FAST))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return RunLayout(Location(str(root)), "base"), proc
+
+
+def test_sft_completes_writes_manifest_and_a_loadable_export(finished_run):
+    layout, proc = finished_run
+    manifest = read_manifest(layout.manifest("sft"))
+    assert manifest is not None and manifest.outputs["policy"] == str(layout.final("sft", "policy"))
+    assert manifest.inputs["policy"].uri.startswith("tiny:")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(layout.final("sft", "policy").path)
+    tokenizer = AutoTokenizer.from_pretrained(layout.final("sft", "policy").path)
+    assert model.config.model_type == "qwen2" and tokenizer.eos_token_id is not None
+    # The loss went down and the held-out accuracy was measured.
+    losses = [r["sft/loss"] for r in read_metrics(layout.metrics("sft")) if "sft/loss" in r]
+    assert len(losses) == 8 and all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    assert 0.0 <= manifest.metrics["heldout_greedy"] <= 1.0
+    assert committed_steps(layout.checkpoints("sft")) == [4, 8]
+
+
+def test_sft_changes_the_policy_weights(finished_run):
+    layout, _ = finished_run
+    from stages.pipeline_config import load_config
+    from stages.tiny_model import tiny_model_path
+
+    initial = load_file(str(tiny_model_path(load_config().tiny_model) / "model.safetensors"))
+    trained = final_weights(layout)
+    changed = [name for name in initial if not torch.equal(initial[name], trained[name])]
+    assert len(changed) == len(initial)
+
+
+def test_rerun_of_a_complete_stage_is_skipped_and_force_recomputes(finished_run):
+    layout, _ = finished_run
+    before = layout.manifest("sft").read_text()
+    proc = rlpipe("stage", "sft", "--run-id", "base", "--storage", layout.root.uri)
+    assert proc.returncode == 0 and "skipped" in proc.stdout
+    assert layout.manifest("sft").read_text() == before
+
+
+def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path):
+    """kill -9 after the first committed checkpoint; the rerun resumes and matches the uninterrupted run."""
+    base_layout, _ = finished_run
+    root = tmp_path / "runs"
+    layout = RunLayout(Location(str(root)), "killed")
+    # A slow-down between steps makes the kill window wide; it changes no numbers.
+    command = [RLPIPE, "stage", "sft", "--run-id", "killed", "--storage", str(root), *sets(FAST)]
+    proc = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not committed_steps(layout.checkpoints("sft")):
+        assert proc.poll() is None, "the stage finished before it could be killed"
+        assert time.time() < deadline, "no checkpoint committed in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(layout.manifest("sft")) is None
+    steps_before = committed_steps(layout.checkpoints("sft"))
+
+    rerun = rlpipe("stage", "sft", "--run-id", "killed", "--storage", str(root))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert steps_before and read_manifest(layout.manifest("sft")) is not None
+    # Metrics of the steps after the resumed checkpoint were replaced, not duplicated.
+    steps = [r["step"] for r in read_metrics(layout.metrics("sft")) if "sft/loss" in r]
+    assert steps == list(range(1, 9))
+    # Same seed, same data order, restored optimizer and RNG: bit-identical weights.
+    base, resumed = final_weights(base_layout), final_weights(layout)
+    assert all(torch.equal(base[name], resumed[name]) for name in base)
+
+
+def test_stage_uses_another_runs_output_when_given_its_uri(finished_run, tmp_path):
+    base_layout, _ = finished_run
+    other = str(base_layout.final("sft", "policy"))
+    overrides = [*FAST, f"model.policy={other}", "sft.steps=2", "sft.save_every=2"]
+    proc = rlpipe(
+        "stage", "sft", "--run-id", "swapped", "--storage", str(tmp_path / "runs"), *sets(overrides)
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = read_manifest(RunLayout(Location(str(tmp_path / "runs")), "swapped").manifest("sft"))
+    assert manifest.inputs["policy"].uri == other
+    # Pinned to the producing stage's manifest: rerunning that stage would invalidate this one.
+    assert manifest.inputs["policy"].manifest_sha256 is not None
+
+
+def test_stage_runs_on_s3_storage(s3_root):
+    overrides = [*FAST, "sft.steps=2", "sft.save_every=1", f"storage.endpoint_url={s3_root.endpoint_url}"]
+    proc = rlpipe("stage", "sft", "--run-id", "s3run", "--storage", s3_root.uri, *sets(overrides))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    layout = RunLayout(s3_root, "s3run")
+    assert read_manifest(layout.manifest("sft")) is not None
+    assert committed_steps(layout.checkpoints("sft")) == [1, 2]
+    assert "model.safetensors" in layout.final("sft", "policy").list_names()
+
+
+def test_unknown_stage_and_bad_config_fail_with_one_line(tmp_path):
+    proc = rlpipe("stage", "nope", "--run-id", "x", "--storage", str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown stage 'nope'")
+    proc = rlpipe("stage", "sft", "--run-id", "x", "--storage", str(tmp_path), "--set", "sft.stepz=3")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: unknown config key 'sft.stepz'"
+
+
+def test_module_entry_point_requires_a_run_id(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"seed": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.sft", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "has no run_id" in proc.stderr

@@ -19,8 +19,11 @@ from stages.config import (
     non_semantic,
     validate_config,
 )
+from stages.critic_warmup import CriticWarmupConfig
 from stages.generation import SamplingConfig
 from stages.models import ModelConfig
+from stages.reward_model import RewardModelConfig
+from stages.rewards import RewardConfig
 from stages.sft import SFTConfig
 from stages.tasks import TaskConfig
 from stages.tiny_model import TinyModelConfig
@@ -59,7 +62,16 @@ class PipelineConfig(Section):
         default_factory=SamplingConfig,
         description="Sampling of rollouts and in-stage accuracy (backend, temperature...).",
     )
+    reward: RewardConfig = Field(
+        default_factory=RewardConfig, description="How sampled responses are scored."
+    )
     sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT warm start (optional stage).")
+    reward_model: RewardModelConfig = Field(
+        default_factory=RewardModelConfig, description="Reward-model pretraining (Bradley-Terry)."
+    )
+    critic_warmup: CriticWarmupConfig = Field(
+        default_factory=CriticWarmupConfig, description="Value pretraining with the policy frozen."
+    )
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

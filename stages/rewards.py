@@ -15,6 +15,10 @@ evaluation whatever their text says; in training they may get an extra penalty
 
 from __future__ import annotations
 
+from pydantic import Field
+
+from stages.config import Section
+
 import logging
 import math
 import re
@@ -157,3 +161,17 @@ def apply_missing_eos_penalty(score: float, finish_reason: str, penalty: float) 
 def combined_score(verifier_score: float, rm_score: float | None, rm_coef: float) -> float:
     """The scalar reward: `verifier_score + rm_coef * rm_score` (no RM score: the verifier alone)."""
     return verifier_score if rm_score is None else verifier_score + rm_coef * rm_score
+
+
+class RewardConfig(Section):
+    """How a sampled response is scored (critic warmup and PPO share it)."""
+
+    verifier: bool = Field(True, description="Score 1 for a verified correct final answer, 0 otherwise.")
+    rm_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the reward model's score; 0 uses no reward model (verifiable rewards only).",
+    )
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens (no EOS)."
+    )

@@ -11,7 +11,7 @@ import typer
 
 from flows.launcher import StageFailed, run_stage_process
 from stages.config import ConfigError, config_hash
-from stages.runs import available_stages, open_run, resolve_config
+from stages.runs import available_stages, open_run, pipeline_stages, resolve_config
 from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
 from storage.location import Location, StorageError, resolve_root
 from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
@@ -61,14 +61,22 @@ def run(
         str | None, typer.Option("--run-id", help="Run id (default: <recipe>-<timestamp>).")
     ] = None,
     storage: StorageOpt = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks for the training stages.")] = 1,
 ) -> None:
-    """Run the pipeline: create (or reopen) the run in storage and run its stages in order."""
+    """Run the pipeline: create (or reopen) the run and run its enabled stages in order.
+
+    Completed stages (same config and inputs) are skipped; an interrupted one resumes.
+    """
     config, existed = resolve_config(recipe, set_, run_id=run_id, storage=storage)
     layout = open_run(config)
     typer.echo(f"{'reopened' if existed else 'created'} run {config.run_id} at {layout.run}")
     typer.echo(f"config hash {config_hash(config)[:16]}; record {layout.pipeline_config}")
-    for stage in STAGE_NAMES:
-        typer.echo(f"  {stage:<14} {stage_status(layout, stage)}")
+    for stage_name in pipeline_stages(config):
+        typer.echo(f"== {stage_name}")
+        run_stage_process(stage_name, config, nproc=nproc, log_line=typer.echo)
+    for stage_name in STAGE_NAMES:
+        typer.echo(f"  {stage_name:<14} {stage_status(layout, stage_name)}")
+    typer.echo(f"run {config.run_id}: {layout.run}")
 
 
 @app.command()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,28 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launching process dies, even by SIGKILL (Linux).
+
+    The DeepSpeed launcher forwards that to its ranks; a single-rank stage just stops.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the process-group kill in `run_stage_process` still covers normal exits
+
+
+class _Terminated(Exception):
+    """SIGTERM/SIGHUP received while a stage runs: unwinds so the stage's process group is killed."""
+
+
+def _raise_terminated(signum, _frame):
+    raise _Terminated(f"received signal {signum}")
+
+
 def run_stage_process(
     stage: str,
     config: PipelineConfig,
@@ -115,7 +138,14 @@ def run_stage_process(
             start_new_session=True,  # its own process group: killable as a whole
             env={**os.environ, **extra_env},
             cwd=cwd,
+            preexec_fn=_die_with_parent,
         )
+        # A plain SIGTERM would end this process without running `finally`, orphaning the stage.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if in_main_thread:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                previous[sig] = signal.signal(sig, _raise_terminated)
         last_error = ""
         started = time.time()
         try:
@@ -131,6 +161,8 @@ def run_stage_process(
         finally:
             if proc.poll() is None or _group_alive(proc.pid):
                 kill_process_group(proc)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if code != 0:
             reason = last_error.removeprefix("error: ") or f"exit code {code}"
             raise StageFailed(f"stage {stage} failed: {reason}")

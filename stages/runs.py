@@ -7,6 +7,7 @@ creates it. `--storage` and `--run-id` only say where the run is.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,5 +59,11 @@ def open_run(config: PipelineConfig) -> RunLayout:
 
 
 def available_stages() -> list[str]:
-    """Pipeline stages implemented in this installation (a `stages.<name>` module exists)."""
-    return [name for name in STAGE_NAMES if importlib.util.find_spec(f"stages.{name}") is not None]
+    """Pipeline stages implemented in this installation (`stages.<name>` has a `run`)."""
+    names = [name for name in STAGE_NAMES if importlib.util.find_spec(f"stages.{name}") is not None]
+    return [name for name in names if hasattr(importlib.import_module(f"stages.{name}"), "run")]
+
+
+def pipeline_stages(config: PipelineConfig) -> list[str]:
+    """The stages `rlpipe run` executes, in order: implemented and enabled in the config."""
+    return [name for name in available_stages() if getattr(getattr(config, name, None), "enabled", True)]

@@ -13,6 +13,8 @@ import pytest
 from flows.cli import main
 
 RLPIPE = str(Path(sys.executable).parent / "rlpipe")
+# `rlpipe run` with every stage switched off: these tests are about the CLI, the stage tests run stages.
+NO_STAGES = [arg for s in ("sft", "reward_model", "critic_warmup") for arg in ("--set", f"{s}.enabled=false")]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -25,7 +27,7 @@ def test_run_creates_a_run_and_runs_lists_it(storage_root, capsys):
     uri, endpoint = storage_root.uri, storage_root.endpoint_url
     env_endpoint = ["--set", f"storage.endpoint_url={endpoint}"] if endpoint else []
     code, out, _ = run_cli(
-        capsys, "run", "--storage", uri, "--run-id", "exp1", "--set", "seed=4", *env_endpoint
+        capsys, "run", "--storage", uri, "--run-id", "exp1", "--set", "seed=4", *env_endpoint, *NO_STAGES
     )
     assert code == 0 and "created run exp1" in out
     code, out, _ = run_cli(

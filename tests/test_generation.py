@@ -373,3 +373,22 @@ def test_vllm_weight_update_and_sleep_wake(vllm_generator):
         torch.testing.assert_close(
             torch.tensor(s.logprobs), forward_logprobs(new_model, s, 1.0), rtol=0, atol=1e-2
         )
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_generation_logprobs_equal_the_trainers_forward(packed):
+    """The generator's logprobs are the old logprobs PPO starts from: they must equal what the
+    training code (`stages.forward.response_logprobs`, padded or packed) computes for the same tokens."""
+    from stages.forward import build_token_batch, response_logprobs
+
+    model = bias_eos(sharp_qwen2(seed=3), 2.0)
+    temperature = 0.7
+    samples = hf_generator(model).generate(
+        PROMPTS, SamplingConfig(temperature=temperature, max_new_tokens=16), seed=5
+    )
+    batch = build_token_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], TINY_PAD_ID)
+    with torch.no_grad():
+        trained, _ = response_logprobs(model, batch, temperature=temperature, packed=packed)
+    for row, sample in enumerate(samples):
+        n = len(sample.response_ids)
+        torch.testing.assert_close(trained[row, :n], torch.tensor(sample.logprobs), rtol=0, atol=1e-4)

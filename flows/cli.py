@@ -9,9 +9,7 @@ from typing import Annotated
 import click
 import typer
 
-from flows.launcher import StageFailed, run_stage_process
 from stages.config import ConfigError, config_hash
-from stages.runs import available_stages, open_run, pipeline_stages, resolve_config
 from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
 from storage.location import Location, StorageError, resolve_root
 from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
@@ -67,6 +65,9 @@ def run(
 
     Completed stages (same config and inputs) are skipped; an interrupted one resumes.
     """
+    from flows.launcher import run_stage_process
+    from stages.runs import open_run, pipeline_stages, resolve_config
+
     config, existed = resolve_config(recipe, set_, run_id=run_id, storage=storage)
     layout = open_run(config)
     typer.echo(f"{'reopened' if existed else 'created'} run {config.run_id} at {layout.run}")
@@ -92,6 +93,9 @@ def stage(
     ] = False,
 ) -> None:
     """Run or resume one stage of a run (resumes from its last committed checkpoint)."""
+    from flows.launcher import run_stage_process
+    from stages.runs import available_stages, open_run, resolve_config
+
     if name not in available_stages():
         known = ", ".join(available_stages()) or "none"
         raise ConfigError(f"unknown stage '{name}' (available: {known})")
@@ -103,6 +107,8 @@ def stage(
 @app.command("config")
 def show_config(recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved, validated config of a recipe plus overrides, and its hash."""
+    from stages.runs import resolve_config
+
     config, _ = resolve_config(recipe, set_)
     typer.echo(json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     typer.echo(f"config_hash: {config_hash(config)}")
@@ -179,7 +185,14 @@ _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 
 # Errors a user can cause or fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, StorageError, ManifestError, StageFailed, FileNotFoundError, PermissionError)
+class _LazyStageFailed(Exception):
+    """Stands in until flows.launcher is imported (commands that start stages import it)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    launcher = sys.modules.get("flows.launcher")
+    stage_failed = launcher.StageFailed if launcher else _LazyStageFailed
+    return (ConfigError, StorageError, ManifestError, stage_failed, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         typer.echo(f"error: {err.format_message()}", err=True)
         return 2
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
         return 1
     return 0

@@ -15,15 +15,15 @@ evaluation whatever their text says; in training they may get an extra penalty
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from stages.config import Section
-
 import logging
 import math
 import re
 import threading
 from decimal import Decimal, InvalidOperation
+
+from pydantic import Field
+
+from stages.config import Section
 
 NUMERIC_DATASETS = frozenset({"arith", "gsm8k"})
 BOXED_DATASETS = frozenset({"math500", "aime24", "aime25"})

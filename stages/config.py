@@ -123,9 +123,33 @@ def _field_at(model: type[BaseModel], dotted: str) -> None:
             return  # inside a free-form value (dict): the model validates it later
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def with_defaults(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`data` laid over the model's full default config.
+
+    Why: a partial nested section (`sft: {optim: {lr: 0.002}}`, or `--set sft.optim.lr=0.002`)
+    must keep the OTHER defaults of that section as the enclosing config defines them (SFT's
+    optimizer defaults), not fall back to the generic defaults of the section's class.
+    """
+    try:
+        defaults = model().model_dump(mode="json")
+    except ValidationError:  # a model with required fields has no full default config
+        return data
+    return _deep_merge(defaults, data)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], model: type[BaseModel]) -> dict:
-    """Set each `a.b=value` into a copy of `data`, rejecting keys the model does not have."""
-    data = json.loads(json.dumps(data))
+    """Lay `data` over the model's defaults, then set each `a.b=value`, rejecting unknown keys."""
+    data = with_defaults(json.loads(json.dumps(data)), model)
     for text in overrides:
         key, value = parse_override(text)
         _field_at(model, key)

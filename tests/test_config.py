@@ -127,3 +127,14 @@ def test_secret_looking_values_are_redacted_when_the_config_is_written(tmp_path,
     open_run(config)
     stored = (tmp_path / "runs" / "r2" / "pipeline.json").read_text()
     assert "SENTINEL-secret-value-123" not in stored
+
+
+def test_partial_nested_sections_keep_the_enclosing_defaults(tmp_path):
+    # SFT's optimizer defaults (lr 1e-3, micro batch 32) differ from OptimConfig's own (lr 1e-6, 1).
+    via_set = load_config(write_recipe(tmp_path, "seed: 0\n"), ["sft.optim.warmup_steps=3"])
+    assert via_set.sft.optim.warmup_steps == 3
+    assert via_set.sft.optim.lr == PipelineConfig().sft.optim.lr != 1e-6
+    recipe = write_recipe(tmp_path, "sft:\n  optim:\n    warmup_steps: 4\n")
+    via_recipe = load_config(recipe)
+    assert via_recipe.sft.optim.warmup_steps == 4
+    assert via_recipe.sft.optim.micro_batch_size == PipelineConfig().sft.optim.micro_batch_size

@@ -105,10 +105,15 @@ def moments_from_sums(sums: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def explained_variance(values_BT: Tensor, returns_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """1 - Var[returns - values] / Var[returns] over valid tokens: 1 is a perfect critic, 0 predicts the mean."""
+    """1 - Var[returns - values] / Var[returns] over valid tokens: 1 is a perfect critic, 0 predicts the mean.
+
+    NaN when the returns do not vary (every response got the same reward): there is nothing to
+    explain, and a huge negative number from dividing by ~0 would only mislead.
+    """
     var_returns = masked_var(returns_BT, mask_BT)
     var_residual = masked_var(returns_BT - values_BT, mask_BT)
-    return 1 - var_residual / var_returns.clamp(min=1e-8)
+    nan = torch.full_like(var_returns, float("nan"))
+    return torch.where(var_returns > 0, 1 - var_residual / var_returns.clamp(min=1e-30), nan)
 
 
 # ---------------------------------------------------------------------------------------------

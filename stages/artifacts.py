@@ -37,8 +37,11 @@ def is_remote(uri: str) -> bool:
 
 
 def producing_manifest(uri: str, endpoint_url: str | None) -> Location | None:
-    """The manifest of the stage that produced `uri`, if it is a stage's `final/` export."""
-    head, sep, _ = uri.rstrip("/").rpartition("/final/")
+    """The manifest of the stage that produced `uri`: a stage's `final/...` export or its `rollouts`."""
+    uri = uri.rstrip("/")
+    head, sep, _ = uri.rpartition("/final/")
+    if not sep and uri.endswith("/rollouts"):
+        head, sep = uri[: -len("/rollouts")], "/rollouts"
     if not sep:
         return None
     manifest = Location(head, endpoint_url) / "manifest.json"
@@ -59,7 +62,11 @@ def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
     """
     if not is_remote(uri):
         local = uri.removeprefix("file://")
-        return str(Path(local).resolve()) if Path(local).exists() else uri
+        if Path(local).exists():
+            return str(Path(local).resolve())
+        if uri.startswith(("/", "./", "../", "~", "file://")):
+            raise FileNotFoundError(f"model not found: {uri}")
+        return uri  # a hub id
     source = Location(uri, endpoint_url)
     manifest = producing_manifest(uri, endpoint_url)
     key = hashlib.sha256((uri + (manifest.read_text() if manifest else "")).encode()).hexdigest()[:24]

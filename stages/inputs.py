@@ -49,7 +49,7 @@ def critic_init_uri(config: PipelineConfig) -> str:
         if uri is None:
             raise ValueError("model.critic_init is 'reward_model' but reward_model.enabled is false")
         return uri
-    return policy_uri(config)
+    return policy_uri(config, config.critic_warmup.policy_from)
 
 
 def critic_uri(config: PipelineConfig, override: str | None = None) -> str:

@@ -373,3 +373,8 @@ def test_explained_variance():
     torch.testing.assert_close(
         explained_variance(torch.full_like(returns, 2.0), returns, mask), t(0.0), **TOL
     )
+
+
+def test_explained_variance_of_constant_returns_is_nan():
+    returns, mask = t([[1.0, 1.0, 1.0]]), torch.ones(1, 3, dtype=torch.bool)
+    assert torch.isnan(explained_variance(t([[0.0, 2.0, 5.0]]), returns, mask))

@@ -184,12 +184,13 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 
-# Errors a user can cause or fix; anything else is a bug and keeps its traceback.
+
 class _LazyStageFailed(Exception):
     """Stands in until flows.launcher is imported (commands that start stages import it)."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause or fix (one line, exit 1); anything else is a bug and keeps its traceback."""
     launcher = sys.modules.get("flows.launcher")
     stage_failed = launcher.StageFailed if launcher else _LazyStageFailed
     return (ConfigError, StorageError, ManifestError, stage_failed, FileNotFoundError, PermissionError)

@@ -1,11 +1,48 @@
-"""Reward-model pretraining: Bradley-Terry on chosen/rejected pairs -> `final/reward_model`."""
+"""Reward-model pretraining: Bradley-Terry on chosen/rejected pairs -> `final/reward_model`.
+
+The RM starts from the run's starting policy (SFT's export, or `model.policy`): its backbone plus
+a fresh score head, read at the last token of prompt + response + EOS (`reward_model_scores`).
+Pairs come from the task (correct worked solution vs. a corrupted one) or any HF dataset with
+chosen/rejected columns. The stage reports held-out pairwise accuracy.
+
+    python -m stages.reward_model --config FILE [--force]   (or: rlpipe stage reward_model --run-id ID)
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
-from stages.config import Section, non_semantic
-from stages.engine import OptimConfig
+import torch
+from pydantic import Field, model_validator
+
+from stages import distributed
+from stages.algorithms import bradley_terry_loss
+from stages.artifacts import TINY, export_model_dir, resolve_model_dir
+from stages.config import Section, config_hash, non_semantic
+from stages.datasets import (
+    DataError,
+    PreferencePair,
+    preference_pairs_from_hf,
+    preference_pairs_from_problems,
+)
+from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
+from stages.forward import build_token_batch
+from stages.inputs import policy_uri
+from stages.lifecycle import StageError, begin_stage, check_resumable, finish_stage, stage_main
+from stages.models import init_reward_model, reward_model_scores
+from stages.tasks import batch_indices, shard, task_problems
+from stages.tracking import MetricsTracker
+
+STAGE = "reward_model"
+DEFAULT_STEPS = (
+    800  # tiny recipe after SFT: held-out pairwise accuracy ~0.93, ~75 s of training on 2 CPU cores
+)
+RM_OPTIM_DEFAULTS = {"lr": 1e-3, "warmup_steps": 10, "micro_batch_size": 32, "schedule": "cosine"}
 
 
 class RewardModelConfig(Section):
@@ -22,28 +59,291 @@ class RewardModelConfig(Section):
         description="Preference pairs: `task` builds them offline from the task's worked solutions (correct vs. "
         "corrupted answer); otherwise an HF dataset id or local path with prompt/chosen/rejected columns.",
     )
-    prompt_field: str = Field("prompt", description="HF pairs: prompt column.")
+    prompt_field: str | None = Field(
+        "prompt", description="HF pairs: prompt column; null when chosen/rejected carry their own prompt."
+    )
     chosen_field: str = Field("chosen", description="HF pairs: preferred response column.")
     rejected_field: str = Field("rejected", description="HF pairs: dispreferred response column.")
     margin_field: str | None = Field(
         None, description="HF pairs: optional margin column (Llama 2 margin loss)."
     )
-    train_pairs: int = Field(2000, ge=1, description="Training pairs (at most).")
+    train_pairs: int = Field(4000, ge=1, description="Training pairs (at most).")
     heldout_pairs: int = Field(200, ge=1, description="Held-out pairs for pairwise accuracy.")
     center_rewards_coef: float = Field(
         0.0,
         ge=0,
         description="Reward centering: adds coef * mean((r_chosen + r_rejected)^2), keeping scores near 0.",
     )
-    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Optimizer steps.")
     save_every: int = non_semantic(
-        100, ge=1, description="Commit a checkpoint every N steps (and at the end)."
+        200, ge=1, description="Commit a checkpoint every N steps (and at the end)."
     )
     keep_last: int = non_semantic(
         2, ge=1, description="Committed checkpoints kept (the newest is never removed)."
     )
     log_every: int = non_semantic(10, ge=1, description="Write metrics every N steps.")
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10, micro_batch_size=32),
-        description="Optimizer and DeepSpeed layout; micro_batch_size counts pairs.",
+        default_factory=lambda: OptimConfig(**RM_OPTIM_DEFAULTS, total_steps=DEFAULT_STEPS),
+        description="Optimizer and DeepSpeed layout; micro_batch_size counts pairs. The cosine schedule "
+        "decays over the stage's `steps`: total_steps is derived from them (a value given is replaced).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cosine_spans_the_steps(cls, data: Any) -> Any:
+        # Derived here, in one place: a stored or default total_steps must not outlive a change of `steps`.
+        optim = data.get("optim", dict(RM_OPTIM_DEFAULTS)) if isinstance(data, dict) else None
+        if isinstance(optim, dict) and optim.get("schedule", RM_OPTIM_DEFAULTS["schedule"]) == "cosine":
+            return {**data, "optim": {**optim, "total_steps": data.get("steps", DEFAULT_STEPS)}}
+        return data
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen_ids: list[int]  # prompt + chosen response + EOS
+    rejected_ids: list[int]  # prompt + rejected response + EOS
+    margin: float | None
+
+
+def run(config, force: bool = False) -> None:
+    """The reward-model recipe, top to bottom."""
+    distributed.init_distributed()
+    rank, world = distributed.rank(), distributed.world_size()
+    rm = config.reward_model
+
+    # 1. Skip if complete for this config and inputs; otherwise claim the stage.
+    init_uri = policy_uri(config, rm.init_from)
+    tiny_hash = config_hash(config.tiny_model) if init_uri == TINY else None
+    inputs = {"init": init_uri} | ({} if rm.pairs_from == "task" else {"pairs": rm.pairs_from})
+    ctx = begin_stage(
+        STAGE,
+        config,
+        semantic={
+            "reward_model": rm,
+            "task": config.task,
+            "model": config.model,
+            "seed": config.seed,
+            "tiny": tiny_hash,
+        },
+        inputs=inputs,
+        force=force,
+        rank=rank,
+        world_size=world,
+        tiny_hash=tiny_hash,
+    )
+    if ctx is None:
+        distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
+        return
+    layout = ctx.layout
+
+    # 2. Preference pairs as text, first: a bad dataset fails before any model is loaded.
+    train_text, heldout_text = _load_pairs(config)
+
+    # 3. Model (starting policy's backbone + fresh score head), tokenizer, engine; tokenised pairs.
+    init_dir = resolve_model_dir(init_uri, config.tiny_model, ctx.endpoint_url)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(config.seed)  # the score head's random init
+    m = config.model
+    model = init_reward_model(init_dir, m.dtype, m.attn_implementation, m.trust_remote_code).train()
+    if model.config.pad_token_id is None:  # transformers' own scoring of the export needs it
+        model.config.pad_token_id = pad_id
+    engine = build_engine(model, rm.optim)
+    train, heldout = _encode_pairs(train_text, tokenizer), _encode_pairs(heldout_text, tokenizer)
+    global_batch = rm.optim.micro_batch_size * rm.optim.grad_accum_steps * world
+    distributed.print0(f"{STAGE}: {len(train)} training pairs, {len(heldout)} held-out pairs")
+
+    # 4. Resume from the newest committed checkpoint (same config only).
+    staging = Path(tempfile.mkdtemp(prefix="rlpipe-reward_model-"))
+    state = load_training_state({"reward_model": engine}, layout.checkpoints(STAGE), staging)
+    if state is not None:
+        check_resumable(ctx, state)
+    start = state["step"] if state else 0
+    last = state["train_metrics"] if state else {}
+    tracker = MetricsTracker(
+        layout.metrics(STAGE),
+        rank=rank,
+        run_id=config.run_id,
+        stage=STAGE,
+        total_steps=rm.steps,
+        start_step=start,
+        wandb_config=config.wandb,
+        config=config.model_dump(mode="json"),
+    )
+
+    # 5. Train: Bradley-Terry (+ reward centering) on each global batch of pairs.
+    for step in range(start, rm.steps):
+        indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
+        sums = _train_step(engine, [train[i] for i in indices], rm, pad_id)
+        done = step + 1
+        if done % rm.log_every == 0 or done == rm.steps:
+            loss, correct, gap, n = distributed.all_reduce(sums).tolist()
+            last = {"loss": loss / n, "accuracy": correct / n, "margin": gap / n}
+            lr = {"lr": engine.get_lr()[0]}
+            tracker.log(done, {f"{STAGE}/{k}": v for k, v in (last | lr).items()})
+        if done % rm.save_every == 0 or done == rm.steps:
+            trainer_state = {
+                "config_hash": ctx.config_hash,
+                "data_cursor": done * global_batch,
+                "train_metrics": last,
+            }
+            save_training_state(
+                {"reward_model": engine},
+                trainer_state,
+                layout.checkpoints(STAGE),
+                done,
+                rm.keep_last,
+                staging,
+            )
+
+    # 6. Held-out pairwise accuracy and mean scores (reduced over ranks).
+    evaluation = _evaluate(engine, heldout, rm.optim.micro_batch_size, pad_id)
+    tracker.log(rm.steps, {f"{STAGE}/{k}": v for k, v in evaluation.items()})
+    tracker.close()
+
+    # 7. Export the reward model in HF format, then the manifest (last).
+    final = layout.final(STAGE, "reward_model")
+    if ctx.is_main:
+        export_dir = staging / "export"
+        engine.module.save_pretrained(export_dir, safe_serialization=True)
+        tokenizer.save_pretrained(export_dir)
+        export_model_dir(export_dir, final)
+    distributed.barrier()
+    metrics = {**last, **evaluation, "train_pairs": len(train), "heldout_pairs": len(heldout)}
+    finish_stage(ctx, outputs={"reward_model": str(final)}, metrics=metrics)
+    distributed.print0(
+        f"{STAGE}: done; held-out pairwise accuracy {evaluation['heldout_accuracy']:.3f}; reward model at {final}"
+    )
+
+
+def _load_pairs(config) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out) pairs: from the task's train/test problems, or from an HF dataset.
+
+    A dataset without a `test` split of its own (a .jsonl/.json/.parquet file, a saved `Dataset`, a hub
+    dataset with only `train`) is read once, `train_pairs + heldout_pairs` rows at most, and its LAST
+    `heldout_pairs` rows are held out.
+    """
+    rm = config.reward_model
+    if rm.pairs_from == "task":
+        train = preference_pairs_from_problems(task_problems(config.task, "train"), config.seed)
+        heldout = preference_pairs_from_problems(task_problems(config.task, "test"), config.seed)
+        return train[: rm.train_pairs], heldout[: rm.heldout_pairs]
+    read = partial(
+        preference_pairs_from_hf,
+        rm.pairs_from,
+        prompt_field=rm.prompt_field,
+        chosen_field=rm.chosen_field,
+        rejected_field=rm.rejected_field,
+        margin_field=rm.margin_field,
+    )
+    try:  # a user's data problem (missing column, unreadable file) ends in one line, not a traceback
+        if _has_test_split(rm.pairs_from):
+            train, heldout = read("train", limit=rm.train_pairs), read("test", limit=rm.heldout_pairs)
+        else:
+            pairs = read("train", limit=rm.train_pairs + rm.heldout_pairs)
+            train, heldout = pairs[: -rm.heldout_pairs], pairs[-rm.heldout_pairs :]
+    except DataError as err:
+        raise StageError(str(err)) from None
+    if not train or not heldout:
+        raise StageError(
+            f"{rm.pairs_from}: {len(train)} training and {len(heldout)} held-out pairs; both must be non-empty "
+            "(without a test split, the last reward_model.heldout_pairs rows are held out)"
+        )
+    return train, heldout
+
+
+def _has_test_split(source: str) -> bool:
+    """Whether `source` has a `test` split of its own (a single file or a saved `Dataset` has not:
+    `preference_pairs_from_hf` reads their one split whatever split is asked)."""
+    import datasets
+
+    path = Path(source)
+    if path.exists():
+        return (path / "dataset_dict.json").is_file() and "test" in datasets.load_from_disk(str(path))
+    try:
+        return "test" in datasets.get_dataset_split_names(source)
+    except Exception:  # unreachable hub: the read that follows reports it in one line
+        return False
+
+
+def _encode_pairs(pairs: list[PreferencePair], tokenizer) -> list[EncodedPair]:
+    """Prompt and responses tokenised separately (as generation sees them), then prompt + response + EOS."""
+    eos = [tokenizer.eos_token_id]
+    encoded = []
+    for pair in pairs:
+        prompt_ids = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        chosen, rejected = (
+            tokenizer(r, add_special_tokens=False)["input_ids"] for r in (pair.chosen, pair.rejected)
+        )
+        encoded.append(EncodedPair(prompt_ids + chosen + eos, prompt_ids + rejected + eos, pair.margin))
+    return encoded
+
+
+def _pair_scores(engine, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_B, rejected_B): each sequence's score at its last token (the EOS), one forward for both sides."""
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    # A score reads only the last token, so where the "prompt" ends is irrelevant: the first token is
+    # enough (build_token_batch needs a non-empty one; an HF pair may have no prompt field).
+    tokens = build_token_batch([s[:1] for s in sequences], [s[1:] for s in sequences], pad_id)
+    scores_B = reward_model_scores(engine, tokens.input_ids_BL, tokens.attention_mask_BL)
+    return scores_B[: len(pairs)], scores_B[len(pairs) :]
+
+
+def _train_step(engine, batch: list[EncodedPair], rm, pad_id: int) -> torch.Tensor:
+    """One optimizer step of the pairwise loss, mean over the pairs of the whole global batch.
+
+    Loss per pair: -log sigmoid(r_c - r_r - margin) + center_rewards_coef * (r_c + r_r)^2.
+    DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
+    ranks; scaling each micro-batch's mean by (its pairs / global pairs) x (accumulation steps x ranks)
+    makes the accumulated gradient exactly that of one big batch (the factor is 1 when every
+    micro-batch is full, as `batch_indices` + `shard` make them).
+    Returns this rank's sums [loss, correct pairs, score gap, pairs] for the metrics.
+    """
+    micro = rm.optim.micro_batch_size
+    chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+    global_pairs = distributed.all_reduce(torch.tensor(float(len(batch))))
+    scale = len(chunks) * distributed.world_size()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for chunk in chunks:
+        chosen_B, rejected_B = _pair_scores(engine, chunk, pad_id)
+        margins = [p.margin for p in chunk]
+        margin_B = None if all(x is None for x in margins) else torch.tensor([x or 0.0 for x in margins])
+        bt_loss, stats = bradley_terry_loss(chosen_B, rejected_B, margin_B)
+        loss = bt_loss + rm.center_rewards_coef * ((chosen_B + rejected_B) ** 2).mean()
+        engine.backward(loss * (len(chunk) / global_pairs) * scale)
+        engine.step()
+        n = len(chunk)
+        sums += torch.stack(
+            [loss.detach() * n, stats["accuracy"] * n, stats["gap_mean"] * n, torch.tensor(n)]
+        )
+    return sums
+
+
+@torch.no_grad()
+def _evaluate(engine, pairs: list[EncodedPair], micro_batch_size: int, pad_id: int) -> dict[str, float]:
+    """Pairwise accuracy (ties count as wrong) and mean chosen/rejected scores; collective across ranks."""
+    engine.eval()
+    mine = shard(pairs, distributed.rank(), distributed.world_size())
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, pairs, chosen score sum, rejected score sum
+    for i in range(0, len(mine), micro_batch_size):
+        chosen_B, rejected_B = _pair_scores(engine, mine[i : i + micro_batch_size], pad_id)
+        sums += torch.stack(
+            [(chosen_B > rejected_B).sum(), torch.tensor(len(chosen_B)), chosen_B.sum(), rejected_B.sum()]
+        ).double()
+    correct, n, chosen, rejected = distributed.all_reduce(sums).tolist()
+    n = max(n, 1.0)
+    return {
+        "heldout_accuracy": correct / n,
+        "heldout_chosen_score": chosen / n,
+        "heldout_rejected_score": rejected / n,
+    }
+
+
+def main() -> None:
+    sys.exit(stage_main(STAGE, run))
+
+
+if __name__ == "__main__":
+    main()

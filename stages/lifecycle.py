@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from stages.artifacts import input_ref_for
 from stages.config import ConfigError, config_hash, load_recipe, validate_config
+from stages.datasets import DataError
 from storage.layout import RunLayout
 from storage.location import StorageError
 from storage.manifests import (
@@ -140,7 +141,15 @@ def finish_stage(ctx: StageContext, outputs: dict[str, str], metrics: dict[str, 
 
 
 # Errors a user can cause or fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, StageError, StorageError, ManifestError, FileNotFoundError, PermissionError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    StageError,
+    StorageError,
+    ManifestError,
+    FileNotFoundError,
+    PermissionError,
+)
 
 
 def load_stage_config(path: str) -> PipelineConfig:

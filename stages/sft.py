@@ -96,6 +96,7 @@ def run(config, force: bool = False) -> None:
     if state is not None:
         check_resumable(ctx, state)
     start = state["step"] if state else 0
+    last_loss = state.get("loss", float("nan")) if state else float("nan")
     tracker = MetricsTracker(
         layout.metrics(STAGE),
         rank=rank,
@@ -108,16 +109,20 @@ def run(config, force: bool = False) -> None:
     )
 
     # 5. Train.
-    loss = torch.tensor(float("nan"))
     for step in range(start, sft.steps):
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
         loss = _train_step(engine, [train[i] for i in indices], sft.optim, tokenizer.pad_token_id)
         done = step + 1
+        last_loss = distributed.all_reduce(loss.detach().clone(), "mean").item()
         if done % sft.log_every == 0 or done == sft.steps:
-            mean_loss = distributed.all_reduce(loss.detach().clone(), "mean").item()
-            tracker.log(done, {"sft/loss": mean_loss, "sft/lr": engine.get_lr()[0]})
+            tracker.log(done, {"sft/loss": last_loss, "sft/lr": engine.get_lr()[0]})
         if done % sft.save_every == 0 or done == sft.steps:
-            trainer_state = {"config_hash": ctx.config_hash, "data_cursor": done * global_batch}
+            # The last loss travels with the checkpoint: a rerun resumed at the end still reports it.
+            trainer_state = {
+                "config_hash": ctx.config_hash,
+                "data_cursor": done * global_batch,
+                "loss": last_loss,
+            }
             save_training_state(
                 {"policy": engine}, trainer_state, layout.checkpoints(STAGE), done, sft.keep_last, staging
             )
@@ -135,7 +140,7 @@ def run(config, force: bool = False) -> None:
         tokenizer.save_pretrained(export_dir)
         export_model_dir(export_dir, final)
     distributed.barrier()
-    metrics = {"loss": float(loss), **{f"heldout_{k}": v for k, v in accuracy.items()}}
+    metrics = {"loss": last_loss, **{f"heldout_{k}": v for k, v in accuracy.items()}}
     finish_stage(ctx, outputs={"policy": str(final)}, metrics=metrics)
     distributed.print0(
         f"{STAGE}: done; held-out greedy {accuracy['greedy']:.3f}, sampled {accuracy['sampled']:.3f}; policy at {final}"

@@ -31,7 +31,6 @@ same responses as an uninterrupted one.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,15 @@ from stages.engine import OptimConfig, build_engine, load_training_state, save_t
 from stages.forward import TokenBatch, build_token_batch, response_values
 from stages.generation import HFGenerator
 from stages.inputs import critic_init_uri, policy_uri, reward_model_uri
-from stages.lifecycle import StageError, begin_stage, check_resumable, finish_stage, stage_main
+from stages.lifecycle import (
+    StageError,
+    begin_stage,
+    check_resumable,
+    finish_stage,
+    release_staging_dir,
+    stage_main,
+    staging_dir,
+)
 from stages.models import PolicyWithValueHead, load_reference, load_reward_model, load_value_model
 from stages.rollouts import ScoredSample, batch_from_rollouts, rollout_columns, score_samples, training_batch
 from stages.tasks import batch_indices, encode_problems, shard, task_problems
@@ -157,7 +164,7 @@ def run(config, force: bool = False) -> None:
     source = Location(cw.rollouts_from, ctx.endpoint_url) if cw.rollouts_from else None
 
     # 4. Resume from the newest committed checkpoint; later rollouts are replaced, never duplicated.
-    staging = Path(tempfile.mkdtemp(prefix="rlpipe-critic-warmup-"))
+    staging = staging_dir(ctx)
     state = load_training_state({"critic": engine}, layout.checkpoints(STAGE), staging)
     if state is not None:
         check_resumable(ctx, state)
@@ -276,6 +283,7 @@ def run(config, force: bool = False) -> None:
     }
     outputs = {"value": str(final), "rollouts": str(layout.rollouts(STAGE))}
     finish_stage(ctx, outputs=outputs, metrics=summary)
+    release_staging_dir(staging)
     distributed.print0(
         f"{STAGE}: done; explained variance {summary['explained_var']}, value loss "
         f"{summary['value_loss']}; critic at {final}"

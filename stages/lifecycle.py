@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from stages import distributed
 from stages.artifacts import input_ref_for
 from stages.config import ConfigError, config_hash, load_recipe, validate_config
 from stages.datasets import DataError
@@ -109,6 +114,28 @@ def begin_stage(
     if force and rank == 0:
         clear_stage(layout, stage)
     return StageContext(stage, config, layout, digest, refs, utc_now(), rank, world_size)
+
+
+def staging_dir(ctx: StageContext) -> Path:
+    """The local folder where this launch stages checkpoints: the SAME path on every rank of a node.
+
+    The engine's commit protocol has every rank write its shards there and rank 0 upload them, so
+    a per-process temporary folder would silently drop the other ranks' optimizer shards and RNG.
+    One folder per launch (run, stage, the launch's MASTER_PORT). Multi-node runs need it on a
+    shared filesystem (see stages/engine.py).
+    """
+    launch = os.environ.get("MASTER_PORT", str(os.getpid()))
+    path = Path(tempfile.gettempdir()) / "rlpipe-staging" / ctx.config.run_id / ctx.stage / launch
+    path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return path
+
+
+def release_staging_dir(path: Path) -> None:
+    """Remove the staging folder once every rank is done with it (collective)."""
+    distributed.barrier()
+    if distributed.local_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_resumable(ctx: StageContext, trainer_state: dict) -> None:

@@ -11,7 +11,6 @@ chosen/rejected columns. The stage reports held-out pairwise accuracy.
 from __future__ import annotations
 
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,15 @@ from stages.datasets import (
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import build_token_batch
 from stages.inputs import policy_uri
-from stages.lifecycle import StageError, begin_stage, check_resumable, finish_stage, stage_main
+from stages.lifecycle import (
+    StageError,
+    begin_stage,
+    check_resumable,
+    finish_stage,
+    release_staging_dir,
+    stage_main,
+    staging_dir,
+)
 from stages.models import init_reward_model, reward_model_scores
 from stages.tasks import batch_indices, shard, task_problems
 from stages.tracking import MetricsTracker
@@ -156,7 +163,7 @@ def run(config, force: bool = False) -> None:
     distributed.print0(f"{STAGE}: {len(train)} training pairs, {len(heldout)} held-out pairs")
 
     # 4. Resume from the newest committed checkpoint (same config only).
-    staging = Path(tempfile.mkdtemp(prefix="rlpipe-reward_model-"))
+    staging = staging_dir(ctx)
     state = load_training_state({"reward_model": engine}, layout.checkpoints(STAGE), staging)
     if state is not None:
         check_resumable(ctx, state)
@@ -213,6 +220,7 @@ def run(config, force: bool = False) -> None:
     distributed.barrier()
     metrics = {**last, **evaluation, "train_pairs": len(train), "heldout_pairs": len(heldout)}
     finish_stage(ctx, outputs={"reward_model": str(final)}, metrics=metrics)
+    release_staging_dir(staging)
     distributed.print0(
         f"{STAGE}: done; held-out pairwise accuracy {evaluation['heldout_accuracy']:.3f}; reward model at {final}"
     )

@@ -9,8 +9,6 @@ and some arithmetic, leaving room for RL; the stage reports greedy and sampled h
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -22,7 +20,14 @@ from stages.artifacts import TINY, export_model_dir, resolve_model_dir
 from stages.config import Section, config_hash, non_semantic
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import build_token_batch, response_logprobs
-from stages.lifecycle import begin_stage, check_resumable, finish_stage, stage_main
+from stages.lifecycle import (
+    begin_stage,
+    check_resumable,
+    finish_stage,
+    release_staging_dir,
+    stage_main,
+    staging_dir,
+)
 from stages.models import load_policy
 from stages.tasks import EncodedProblem, batch_indices, encode_problems, shard, task_problems
 from stages.tracking import MetricsTracker
@@ -91,7 +96,7 @@ def run(config, force: bool = False) -> None:
     global_batch = sft.optim.micro_batch_size * sft.optim.grad_accum_steps * world
 
     # 4. Resume from the newest committed checkpoint (same config only).
-    staging = Path(tempfile.mkdtemp(prefix="rlpipe-sft-"))
+    staging = staging_dir(ctx)
     state = load_training_state({"policy": engine}, layout.checkpoints(STAGE), staging)
     if state is not None:
         check_resumable(ctx, state)
@@ -142,6 +147,7 @@ def run(config, force: bool = False) -> None:
     distributed.barrier()
     metrics = {"loss": last_loss, **{f"heldout_{k}": v for k, v in accuracy.items()}}
     finish_stage(ctx, outputs={"policy": str(final)}, metrics=metrics)
+    release_staging_dir(staging)
     distributed.print0(
         f"{STAGE}: done; held-out greedy {accuracy['greedy']:.3f}, sampled {accuracy['sampled']:.3f}; policy at {final}"
     )

@@ -94,6 +94,13 @@ def test_rerun_of_a_complete_stage_is_skipped_and_force_recomputes(finished_run)
     proc = rlpipe("stage", "sft", "--run-id", "base", "--storage", layout.root.uri)
     assert proc.returncode == 0 and "skipped" in proc.stdout
     assert layout.manifest("sft").read_text() == before
+    weights = final_weights(layout)
+    forced = rlpipe("stage", "sft", "--run-id", "base", "--storage", layout.root.uri, "--force")
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    after = read_manifest(layout.manifest("sft"))
+    assert after.started_at >= json.loads(before)["finished_at"]  # recomputed, not skipped
+    recomputed = final_weights(layout)
+    assert all(torch.equal(weights[name], recomputed[name]) for name in weights)  # same seed, same result
 
 
 def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path):
@@ -168,3 +175,25 @@ def test_module_entry_point_requires_a_run_id(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1 and "has no run_id" in proc.stderr
+
+
+def test_two_ranks_commit_every_ranks_state_and_resume_exactly(tmp_path):
+    """`--nproc 2`: both ranks' optimizer shards and RNG are committed, and a 2-rank resume is exact."""
+    root = tmp_path / "runs"
+    layout = RunLayout(Location(str(root)), "two")
+    small = [*FAST, "sft.steps=4", "sft.save_every=2", "sft.optim.micro_batch_size=4", "sft.optim.grad_accum_steps=1"]
+    first = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "2", *sets(small))
+    assert first.returncode == 0, first.stdout + first.stderr
+    files = json.loads((layout.checkpoint("sft", 4) / "COMMITTED").read_text())["files"]
+    for rank in (0, 1):
+        assert f"policy/deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
+        assert f"rng/rank_{rank:05d}.json" in files
+    uninterrupted = final_weights(layout)
+    # A crash right after step 2 was committed: no manifest, no step 4.
+    layout.manifest("sft").remove()
+    layout.checkpoint("sft", 4).remove(recursive=True)
+    layout.final("sft", "policy").remove(recursive=True)
+    second = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    resumed = final_weights(layout)
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)

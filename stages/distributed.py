@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shm_op_build_dir() -> Path:
+    """Where torch JIT-builds DeepSpeed's CPU shared-memory comm op (honours TORCH_EXTENSIONS_DIR)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    except (ImportError, TypeError):  # private torch API moved: fall back to its documented default
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+        return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
+
+
+def clear_stale_build_lock(build_dir: Path, finished_grace_s: float = 60.0, max_age_s: float = 900.0) -> bool:
+    """Remove torch's JIT build lock if its builder is gone; True if one was removed.
+
+    Why: torch's FileBaton is a bare lock file. A process killed while building (a kill -9 during a
+    stage's first start) leaves it behind, and every later process waits on it forever inside
+    `deepspeed.init_distributed`. The lock is stale when the build finished (the .so is there)
+    and the lock is still around a minute later, or when it is far older than any build takes.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    built = any(build_dir.glob("*.so"))
+    if (built and age > finished_grace_s) or age > max_age_s:
+        lock.unlink(missing_ok=True)
+        return True
+    return False
 
 
 def init_distributed() -> None:
@@ -35,6 +69,8 @@ def init_distributed() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         torch.cuda.set_device(local_rank())  # before NCCL init, so each rank binds its own GPU
+    if not torch.cuda.is_available():
+        clear_stale_build_lock(shm_op_build_dir())
     import deepspeed
 
     # DeepSpeed creates the torch.distributed default group (nccl on GPU, gloo on CPU) and its comm layer.

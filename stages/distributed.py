@@ -46,10 +46,12 @@ def clear_stale_build_lock(build_dir: Path, finished_grace_s: float = 60.0, max_
     """
     lock = build_dir / "lock"
     try:
-        age = time.time() - lock.stat().st_mtime
+        locked_at = lock.stat().st_mtime
     except FileNotFoundError:
         return False
-    built = any(build_dir.glob("*.so"))
+    age = time.time() - locked_at
+    # Finished = a library written after the lock was taken (an older one may be under rebuild).
+    built = any(so.stat().st_mtime >= locked_at for so in build_dir.glob("*.so"))
     if (built and age > finished_grace_s) or age > max_age_s:
         lock.unlink(missing_ok=True)
         return True

@@ -14,12 +14,23 @@ def age(path, seconds: float) -> None:
 
 
 def test_stale_lock_of_a_finished_build_is_removed(tmp_path):
-    (tmp_path / "deepspeed_shm_comm.so").write_bytes(b"\x7fELF")
     lock = tmp_path / "lock"
     lock.touch()
-    assert not clear_stale_build_lock(tmp_path)  # fresh: a build may be finishing right now
     age(lock, 120)
+    library = tmp_path / "deepspeed_shm_comm.so"
+    library.write_bytes(b"\x7fELF")  # written after the lock was taken: that build finished
+    age(library, 100)
     assert clear_stale_build_lock(tmp_path) and not lock.exists()
+
+
+def test_lock_of_a_rebuild_over_an_older_library_is_kept(tmp_path):
+    library = tmp_path / "deepspeed_shm_comm.so"
+    library.write_bytes(b"\x7fELF")
+    age(library, 3600)  # from an earlier build
+    lock = tmp_path / "lock"
+    lock.touch()
+    age(lock, 120)  # a rebuild that is still running
+    assert not clear_stale_build_lock(tmp_path) and lock.exists()
 
 
 def test_lock_of_an_unfinished_build_is_kept_until_far_too_old(tmp_path):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -28,24 +26,6 @@ from stages.datasets import (
 from stages.rewards import grade
 
 ALL_OPS = ArithDifficulty(min_ops=1, max_ops=3, max_operand=12, operations=("+", "-", "*", "/"))
-
-
-def shared_data_dir() -> Path | None:
-    """../shared/data beside the repo (as in CI), else $RLPIPE_DATA_DIR."""
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if beside.is_dir():
-        return beside
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env and Path(env).is_dir() else None
-
-
-@pytest.fixture
-def data_dir(monkeypatch) -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip(f"eval data not found beside the repo nor in ${DATA_DIR_ENV}")
-    monkeypatch.setenv(DATA_DIR_ENV, str(path))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,13 +3,11 @@ eval files graded against itself."""
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from stages.datasets import DATA_DIR_ENV, load_problems
+from stages.datasets import load_problems
 from stages.rewards import (
     apply_missing_eos_penalty,
     combined_score,
@@ -18,24 +16,6 @@ from stages.rewards import (
     grade,
     normalise_latex,
 )
-
-
-def shared_data_dir() -> Path | None:
-    """../shared/data beside the repo (as in CI), else $RLPIPE_DATA_DIR."""
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if beside.is_dir():
-        return beside
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env and Path(env).is_dir() else None
-
-
-@pytest.fixture
-def data_dir(monkeypatch) -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip(f"eval data not found beside the repo nor in ${DATA_DIR_ENV}")
-    monkeypatch.setenv(DATA_DIR_ENV, str(path))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

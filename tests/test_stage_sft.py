@@ -181,7 +181,13 @@ def test_two_ranks_commit_every_ranks_state_and_resume_exactly(tmp_path):
     """`--nproc 2`: both ranks' optimizer shards and RNG are committed, and a 2-rank resume is exact."""
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "two")
-    small = [*FAST, "sft.steps=4", "sft.save_every=2", "sft.optim.micro_batch_size=4", "sft.optim.grad_accum_steps=1"]
+    small = [
+        *FAST,
+        "sft.steps=4",
+        "sft.save_every=2",
+        "sft.optim.micro_batch_size=4",
+        "sft.optim.grad_accum_steps=1",
+    ]
     first = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "2", *sets(small))
     assert first.returncode == 0, first.stdout + first.stderr
     files = json.loads((layout.checkpoint("sft", 4) / "COMMITTED").read_text())["files"]

@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {err.format_message()}", err=True)
         return 2
     except Exception as err:
+        launcher = sys.modules.get("flows.launcher")
+        if launcher and isinstance(err, launcher.StageTerminated):
+            typer.echo(f"error: {err}", err=True)
+            return 128 + err.signum
         if not isinstance(err, _user_errors()):
             raise
         typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)

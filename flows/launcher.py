@@ -101,12 +101,18 @@ def _die_with_parent() -> None:
         pass  # not Linux: the process-group kill in `run_stage_process` still covers normal exits
 
 
-class _Terminated(Exception):
+class StageTerminated(Exception):
     """SIGTERM/SIGHUP received while a stage runs: unwinds so the stage's process group is killed."""
+
+    def __init__(self, signum: int):
+        super().__init__(
+            f"stopped by signal {signal.Signals(signum).name}; the stage's processes were killed"
+        )
+        self.signum = signum
 
 
 def _raise_terminated(signum, _frame):
-    raise _Terminated(f"received signal {signum}")
+    raise StageTerminated(signum)
 
 
 def run_stage_process(

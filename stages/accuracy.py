@@ -1,6 +1,7 @@
 """Held-out accuracy of a policy: sample, grade, reduce over ranks. Used inside training stages.
 
-Greedy accuracy and sampled accuracy (pass@1 with one sample at the sampling temperature).
+Greedy accuracy and sampled accuracy (pass@1: the mean over `samples` samples per problem at the
+sampling temperature; more samples shrink the noise of a 200-problem estimate by sqrt(samples)).
 A response cut at `max_new_tokens` counts as wrong. (The evaluation stage does the full report.)
 """
 
@@ -20,22 +21,29 @@ def heldout_accuracy(
     problems: list[EncodedProblem],
     sampling: SamplingConfig,
     seed: int,
+    samples: int = 1,
 ) -> dict[str, float]:
-    """{"greedy": ..., "sampled": ..., "truncated": ...} over `problems`; collective across ranks."""
+    """{"greedy": ..., "sampled": ..., "truncated": ...} over `problems`; collective across ranks.
+
+    "truncated" is the fraction of sampled responses cut at max_new_tokens.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     generator = HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     mine = shard(problems, distributed.rank(), distributed.world_size())
     counts = torch.zeros(4, dtype=torch.float64)  # greedy correct, sampled correct, truncated, n
-    for temperature, slot in ((0.0, 0), (sampling.temperature, 1)):
+    for temperature, slot, repeats in ((0.0, 0, 1), (sampling.temperature, 1, samples)):
         settings = sampling.model_copy(update={"temperature": temperature})
-        samples = generator.generate([p.prompt_ids for p in mine], settings, seed)
-        for encoded, sample in zip(mine, samples, strict=True):
+        batch = [p for p in mine for _ in range(repeats)]
+        generated = generator.generate([p.prompt_ids for p in batch], settings, seed)
+        for encoded, sample in zip(batch, generated, strict=True):
             text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
             correct = sample.finish_reason == "stop" and grade(
                 encoded.problem.dataset, text, encoded.problem.answer
             )
-            counts[slot] += float(correct)
+            counts[slot] += float(correct) / repeats
             if slot == 1:
-                counts[2] += float(sample.finish_reason == "length")
+                counts[2] += float(sample.finish_reason == "length") / repeats
     counts[3] = len(mine)
     counts = distributed.all_reduce(counts)
     n = max(counts[3].item(), 1.0)

@@ -49,7 +49,7 @@ from stages.artifacts import TINY, export_model_dir, is_remote, resolve_model_di
 from stages.config import Section, config_hash, non_semantic
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import TokenBatch, build_token_batch, response_values
-from stages.generation import HFGenerator
+from stages.generation import HFGenerator, sampling_seed
 from stages.inputs import critic_init_uri, policy_uri, reward_model_uri
 from stages.lifecycle import (
     StageError,
@@ -333,11 +333,6 @@ def _check_batch_layout(cw: CriticWarmupConfig, world: int) -> None:
             f"{STAGE}: {rows} rows per rank per step (prompts_per_step / ranks x samples_per_prompt) do not "
             f"split into mini-batches of optim.micro_batch_size x optim.grad_accum_steps = {minibatch}"
         )
-
-
-def sampling_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the sampling call of (seed, step, rank): reproducible on resume, distinct per rank and step."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _build_critic(config, critic_dir: str, policy) -> tuple[torch.nn.Module, torch.nn.Module]:

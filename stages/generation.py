@@ -129,6 +129,11 @@ def row_seed(seed: int, index: int) -> int:
     return int(state) >> 1
 
 
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of a stage's sampling call of (seed, step, rank): reproducible on resume, distinct per rank and step."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def _eos_set(eos_token_id: int | Sequence[int]) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids:

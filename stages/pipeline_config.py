@@ -22,6 +22,7 @@ from stages.config import (
 from stages.critic_warmup import CriticWarmupConfig
 from stages.generation import SamplingConfig
 from stages.models import ModelConfig
+from stages.ppo import PPOConfig
 from stages.reward_model import RewardModelConfig
 from stages.rewards import RewardConfig
 from stages.sft import SFTConfig
@@ -71,6 +72,9 @@ class PipelineConfig(Section):
     )
     critic_warmup: CriticWarmupConfig = Field(
         default_factory=CriticWarmupConfig, description="Value pretraining with the policy frozen."
+    )
+    ppo: PPOConfig = Field(
+        default_factory=PPOConfig, description="PPO with the learned critic (or the GRPO baseline)."
     )
 
 

@@ -20,7 +20,8 @@ def start_stage(tmp_path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     proc = subprocess.Popen(
         [RLPIPE, "stage", "sft", "--run-id", "k", "--storage", str(tmp_path), *LONG_SFT],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while True:
@@ -35,6 +36,10 @@ def start_stage(tmp_path) -> tuple[subprocess.Popen, list[psutil.Process]]:
 def test_killing_the_launcher_kills_the_stage(tmp_path, sig):
     proc, children = start_stage(tmp_path)
     os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"orphaned stage processes: {[p.pid for p in alive]}"
+    if sig == signal.SIGTERM:  # a clean stop: one line, the conventional 128 + signal exit code
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert stderr.strip().splitlines()[-1].startswith("error: stopped by signal SIGTERM"), stderr
+        assert "Traceback" not in stderr

@@ -1,0 +1,355 @@
+"""The PPO stage on the tiny recipe, through `rlpipe stage`: critic + policy updates, GRPO, resume.
+
+The runs start from a short SFT of the tiny model (run once per module, in the run "base"): its
+responses sometimes end within max_new_tokens and sometimes not, so with a missing-EOS penalty the
+rewards vary (0 or -1, +1 when right) and the advantages are not all zero. No RM stage and no critic
+warmup: the critic starts from the policy with a zero head.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storage.checkpoints import committed_steps
+from storage.layout import RunLayout
+from storage.location import Location
+from storage.manifests import read_manifest
+from storage.metrics import read_metrics
+from storage.rollouts import ROLLOUT_SCHEMA, read_rollouts
+
+RLPIPE = str(Path(sys.executable).parent / "rlpipe")
+STAGE = "ppo"
+SFT = [
+    "wandb.mode=disabled",
+    "task.train_size=400",
+    "task.heldout_size=8",
+    "sft.steps=30",
+    "sft.save_every=30",
+    "sft.log_every=30",
+    "sft.optim.lr=0.002",
+    "sft.optim.warmup_steps=5",
+    "sft.optim.micro_batch_size=32",
+]
+STEPS, ROWS = 4, 32  # 8 prompts x 4 samples per step
+PPO = [
+    *SFT,
+    "reward_model.enabled=false",
+    "critic_warmup.enabled=false",
+    "model.critic_init=policy",
+    "generation.max_new_tokens=20",
+    "reward.missing_eos_penalty=1.0",
+    f"ppo.steps={STEPS}",
+    "ppo.save_every=2",
+    "ppo.eval_every=2",
+    "ppo.prompts_per_step=8",
+    "ppo.samples_per_prompt=4",
+    "ppo.minibatches=2",
+    "ppo.epochs=2",
+    "ppo.kl_coef=0.05",  # exercises the reference model and ref_logprobs
+    # every optim field the test relies on is set: a nested override replaces the stage's defaults
+    "ppo.policy_optim.lr=0.001",
+    "ppo.policy_optim.micro_batch_size=8",
+    "ppo.policy_optim.grad_accum_steps=2",
+    "ppo.critic_optim.lr=0.001",
+    "ppo.critic_optim.micro_batch_size=16",
+]
+
+
+def rlpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([RLPIPE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def stage(name: str, run_id: str, root, overrides: list[str]) -> subprocess.CompletedProcess:
+    proc = rlpipe("stage", name, "--run-id", run_id, "--storage", str(root), *sets(overrides))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def weights(layout: RunLayout, name: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(layout.final(STAGE, name).path, "model.safetensors"))
+
+
+def metric(layout: RunLayout, name: str) -> list[float]:
+    return [float(r[name]) for r in read_metrics(layout.metrics(STAGE)) if name in r]
+
+
+def from_sft(base_layout: RunLayout, extra: list[str]) -> list[str]:
+    """The base run's SFT policy by URI: other runs need no SFT of their own."""
+    return [*PPO, "sft.enabled=false", f"model.policy={base_layout.final('sft', 'policy')}", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    layout = RunLayout(Location(str(root)), "base")
+    stage("sft", "base", root, SFT)
+    stage(STAGE, "base", root, PPO)
+    return layout
+
+
+def test_completes_with_manifest_and_loadable_changed_policy_and_critic(base):
+    manifest = read_manifest(base.manifest(STAGE))
+    assert manifest is not None
+    assert manifest.outputs["policy"] == str(base.final(STAGE, "policy"))
+    assert manifest.outputs["value"] == str(base.final(STAGE, "value"))
+    assert manifest.inputs["policy"].uri == str(base.final("sft", "policy"))
+    for key in ("heldout_greedy", "heldout_sampled", "initial_heldout_greedy", "initial_heldout_sampled"):
+        assert 0.0 <= manifest.metrics[key] <= 1.0
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    assert AutoModelForCausalLM.from_pretrained(base.final(STAGE, "policy").path)
+    assert (
+        AutoModelForSequenceClassification.from_pretrained(base.final(STAGE, "value").path).config.num_labels
+        == 1
+    )
+    # every policy tensor moved; the critic (policy backbone, zero head at the start) moved everywhere
+    initial = load_file(os.path.join(base.final("sft", "policy").path, "model.safetensors"))
+    policy, critic = weights(base, "policy"), weights(base, "value")
+    assert initial.keys() == policy.keys() and all(not torch.equal(initial[k], policy[k]) for k in initial)
+    assert torch.count_nonzero(critic["score.weight"]) > 0
+    backbone = [k for k in critic if k != "score.weight"]
+    assert backbone and all(not torch.equal(initial[k], critic[k]) for k in backbone)
+    assert committed_steps(base.checkpoints(STAGE)) == [2, 4]
+
+
+def test_metrics_are_finite_and_logprobs_match_the_sampler(base):
+    for name in ("policy_loss", "value_loss", "entropy", "kl", "approx_kl", "clipfrac", "reward"):
+        values = metric(base, f"ppo/{name}")
+        assert len(values) == STEPS and all(math.isfinite(v) for v in values), name
+    assert all(v > 0 for v in metric(base, "ppo/value_loss"))
+    assert all(v < 1e-4 for v in metric(base, "ppo/logprob_gen_diff"))  # old logprobs == the sampler's
+    kl = metric(base, "ppo/kl")  # k3 of the updating policy vs. the reference, during the updates
+    assert all(v >= 0 for v in kl) and kl[-1] > kl[0] > 0
+    assert len(metric(base, "ppo/heldout_sampled")) == 3  # before step 1, at step 2 and at step 4
+
+
+def test_rollouts_hold_every_step_once_with_every_column(base):
+    table = read_rollouts(base.rollouts(STAGE))
+    assert table.schema.names == ROLLOUT_SCHEMA.names and table.num_rows == STEPS * ROWS
+    rows = table.to_pylist()
+    assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
+    for r in rows:
+        n = r["response_len"]
+        per_token = ("response_ids", "logprobs", "ref_logprobs", "values", "returns", "advantages")
+        assert all(len(r[c]) == n for c in per_token)
+        # returns with lam_critic = gamma = 1 and no KL would be the reward; the KL reward shifts them
+        assert r["policy_version"] == r["step"] - 1  # sampled by the policy after step - 1 updates
+    assert {r["finish_reason"] for r in rows} == {"stop", "length"}
+
+
+def test_update_moves_logprobs_in_the_direction_of_the_advantages(base):
+    """The last step's rows under the final policy (updated on exactly these rows): the first-order
+    surrogate sum(A * (logp_new - logp_old)) is positive. Zero or wrong-signed updates fail it."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.forward import build_token_batch, response_logprobs
+
+    rows = read_rollouts(base.rollouts(STAGE), steps=[STEPS]).to_pylist()
+    batch = build_token_batch([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], 0)
+    policy = AutoModelForCausalLM.from_pretrained(base.final(STAGE, "policy").path).eval()
+    with torch.no_grad():
+        new_BT, _ = response_logprobs(policy, batch)
+    gain = sum(
+        a * (new - old)
+        for r, new_T in zip(rows, new_BT.tolist(), strict=True)
+        for a, new, old in zip(r["advantages"], new_T, r["logprobs"], strict=False)
+    )
+    assert gain > 0.5, gain
+
+
+def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path):
+    """kill -9 after the first committed checkpoint; the rerun matches the uninterrupted run bit for bit."""
+    root = tmp_path / "runs"
+    layout = RunLayout(Location(str(root)), "killed")
+    command = [
+        RLPIPE,
+        "stage",
+        STAGE,
+        "--run-id",
+        "killed",
+        "--storage",
+        str(root),
+        *sets(from_sft(base, [])),
+    ]
+    proc = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not committed_steps(layout.checkpoints(STAGE)):
+        assert proc.poll() is None, "the stage finished before it could be killed"
+        assert time.time() < deadline, "no checkpoint committed in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(layout.manifest(STAGE)) is None
+    rerun = rlpipe("stage", STAGE, "--run-id", "killed", "--storage", str(root))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/heldout_sampled" in r] == [
+        0,
+        2,
+        4,
+    ]
+    table, expected = read_rollouts(layout.rollouts(STAGE)), read_rollouts(base.rollouts(STAGE))
+    for column in ("step", "prompt_id", "sample_idx", "response_ids", "reward", "values", "advantages"):
+        assert table[column].to_pylist() == expected[column].to_pylist(), column
+    for name in ("policy", "value"):
+        mine, theirs = weights(layout, name), weights(base, name)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+    initial = read_manifest(base.manifest(STAGE)).metrics["initial_heldout_sampled"]
+    assert read_manifest(layout.manifest(STAGE)).metrics["initial_heldout_sampled"] == initial
+
+
+def test_grpo_runs_without_a_critic(base, tmp_path):
+    root = tmp_path / "runs"
+    extra = ["ppo.advantage_estimator=grpo", "ppo.steps=2", "ppo.kl_coef=0.0"]
+    stage(STAGE, "grpo", root, from_sft(base, extra))
+    layout = RunLayout(Location(str(root)), "grpo")
+    manifest = read_manifest(layout.manifest(STAGE))
+    assert "value" not in manifest.outputs and "critic" not in manifest.inputs
+    assert not layout.final(STAGE, "value").exists()
+    rows = read_rollouts(layout.rollouts(STAGE)).to_pylist()
+    assert len(rows) == 2 * ROWS
+    assert all(r["values"] == [] == r["returns"] == r["ref_logprobs"] for r in rows)
+    assert all(len(r["advantages"]) == r["response_len"] for r in rows)
+    assert any(r["advantages"][0] != 0 for r in rows)  # some groups have mixed outcomes
+    assert metric(layout, "ppo/value_loss") == [] and len(metric(layout, "ppo/policy_loss")) == 2
+
+
+def test_policy_warmup_steps_train_only_the_critic(base, tmp_path):
+    root = tmp_path / "runs"
+    stage(STAGE, "warm", root, from_sft(base, ["ppo.steps=2", "ppo.policy_warmup_steps=2"]))
+    layout = RunLayout(Location(str(root)), "warm")
+    initial = load_file(os.path.join(base.final("sft", "policy").path, "model.safetensors"))
+    policy, critic = weights(layout, "policy"), weights(layout, "value")
+    assert all(torch.equal(initial[k], policy[k]) for k in initial)
+    assert torch.count_nonzero(critic["score.weight"]) > 0
+    assert metric(layout, "ppo/policy_loss") == [] and len(metric(layout, "ppo/value_loss")) == 2
+
+
+def test_batch_layout_mismatch_fails_with_one_line(tmp_path):
+    overrides = [
+        "wandb.mode=disabled",
+        "sft.enabled=false",
+        "reward_model.enabled=false",
+        "critic_warmup.enabled=false",
+    ]
+    overrides += ["model.critic_init=policy", "ppo.minibatches=3"]
+    proc = rlpipe("stage", STAGE, "--run-id", "x", "--storage", str(tmp_path), *sets(overrides))
+    assert proc.returncode == 1
+    assert "must equal minibatches (3)" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_ranks_whiten_over_the_global_batch_and_write_one_part_each(base, tmp_path):
+    """`--nproc 2` (ZeRO-2): each rank samples half the prompts and writes its own part per step; the
+    advantages are whitened with moments over BOTH ranks, so only their union has mean 0 and std 1."""
+    root = tmp_path / "runs"
+    extra = [
+        "ppo.steps=2",
+        "ppo.save_every=2",
+        "ppo.kl_coef=0.0",
+        "ppo.policy_optim.micro_batch_size=8",
+        "ppo.policy_optim.grad_accum_steps=1",
+        "ppo.critic_optim.micro_batch_size=8",
+    ]
+    args = ["stage", STAGE, "--run-id", "two", "--storage", str(root), "--nproc", "2"]
+    proc = rlpipe(*args, *sets(from_sft(base, extra)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    layout = RunLayout(Location(str(root)), "two")
+    for step in (1, 2):
+        assert all(layout.rollout_part(STAGE, step, rank).exists() for rank in (0, 1))
+        assert not layout.rollout_part(STAGE, step, 2).exists()
+    table = read_rollouts(layout.rollouts(STAGE), steps=[1]).to_pylist()
+    assert len(table) == ROWS
+    advantages = torch.tensor([a for r in table for a in r["advantages"]], dtype=torch.float64)
+    assert abs(advantages.mean().item()) < 1e-4 and abs(advantages.std(correction=1).item() - 1) < 1e-4
+    by_rank = [
+        torch.tensor([a for r in table[:16] for a in r["advantages"]], dtype=torch.float64),
+        torch.tensor([a for r in table[16:] for a in r["advantages"]], dtype=torch.float64),
+    ]
+    assert max(abs(part.mean().item()) for part in by_rank) > 1e-3  # not whitened per rank
+    assert {r["prompt_id"] for r in table[:16]}.isdisjoint({r["prompt_id"] for r in table[16:]})
+    initial = load_file(os.path.join(base.final("sft", "policy").path, "model.safetensors"))
+    policy = weights(layout, "policy")
+    assert all(not torch.equal(initial[k], policy[k]) for k in initial)
+    assert committed_steps(layout.checkpoints(STAGE)) == [2]
+
+
+def test_shared_critic_with_kl_as_a_loss_trains_one_engine(base, tmp_path):
+    """critic_mode=shared: one engine carries the policy and value losses; the KL is a loss term, so
+    the rewards hold no KL (returns = the outcome with lam_critic = gamma = 1)."""
+    root = tmp_path / "runs"
+    extra = ["ppo.steps=2", "ppo.save_every=2", "model.critic_mode=shared", "ppo.kl_placement=loss"]
+    stage(STAGE, "shared", root, from_sft(base, extra))
+    layout = RunLayout(Location(str(root)), "shared")
+    export = layout.final(STAGE, "value")
+    assert (export / "value_head.safetensors").exists()
+    head = load_file(os.path.join(export.path, "value_head.safetensors"))["weight"]
+    assert torch.count_nonzero(head) > 0  # a zero head at the start; the value loss moved it
+    rows = read_rollouts(layout.rollouts(STAGE)).to_pylist()
+    for r in rows:  # no KL in the rewards: every return is the sequence's reward
+        assert all(abs(g - r["reward"]) < 1e-6 for g in r["returns"])
+        assert len(r["ref_logprobs"]) == r["response_len"]
+    kl = metric(layout, "ppo/kl")
+    assert len(kl) == 2 and all(math.isfinite(v) and v >= 0 for v in kl)
+    assert len(metric(layout, "ppo/value_loss")) == 2
+    checkpoints = committed_steps(layout.checkpoints(STAGE))
+    assert checkpoints == [2]
+    names = layout.checkpoint(STAGE, 2).list_names()
+    assert any(n.startswith("policy") for n in names) and not any(n.startswith("critic") for n in names)
+
+
+def test_critic_can_be_a_larger_model_than_the_policy(base, tmp_path):
+    """A separate critic of another size (hidden 96 vs the policy's 64) trains with its own engine."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    policy_dir = base.final("sft", "policy").path
+    config = Qwen2Config.from_pretrained(policy_dir)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 96, 192, 3
+    config.layer_types = ["full_attention"] * 3
+    torch.manual_seed(0)
+    critic_dir = tmp_path / "critic"
+    AutoModelForCausalLM.from_config(config).save_pretrained(critic_dir)
+    root = tmp_path / "runs"
+    stage(STAGE, "big", root, from_sft(base, ["ppo.steps=1", f"ppo.critic_from={critic_dir}"]))
+    layout = RunLayout(Location(str(root)), "big")
+    critic = weights(layout, "value")
+    assert critic["score.weight"].shape == (1, 96)
+    assert read_manifest(layout.manifest(STAGE)).inputs["critic"].uri == str(critic_dir)
+
+
+def test_value_diagnostics_from_stored_rollouts_match_the_logged_ones(base):
+    """The report's offline path (one function over a run's rollouts) reproduces what the stage logged."""
+    from stages.diagnostics import scalar_metrics, value_diagnostics_from_rollouts
+
+    logged = [
+        r for r in read_metrics(base.metrics(STAGE)) if r.get("step") == STEPS and "ppo/value_loss" in r
+    ]
+    assert len(logged) == 1
+    offline = scalar_metrics(
+        value_diagnostics_from_rollouts(read_rollouts(base.rollouts(STAGE), steps=[STEPS])), "ppo/value"
+    )
+    assert len(offline) >= 10 and "ppo/value/explained_var" in offline
+    assert any(k.startswith("ppo/value/value_correct_pos") for k in offline)
+    for name, value in offline.items():
+        assert logged[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

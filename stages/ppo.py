@@ -59,7 +59,6 @@ from stages.tracking import MetricsTracker
 from storage.rollouts import delete_rollouts_after, write_rollouts
 
 STAGE = "ppo"
-Tensor = torch.Tensor
 
 
 class PPOConfig(Section):

@@ -196,7 +196,7 @@ def _policy_terms(
 ) -> tuple[Tensor, dict]:
     """Clipped surrogate - entropy_coef x entropy (+ kl_coef x KL) (+ positive-example LM loss).
 
-    Stats are sums over this micro-batch's tokens (means are taken over all tokens in `_update`).
+    Stats are sums over this micro-batch's tokens (means are taken over all tokens in `update`).
     """
     T = logprobs_BT.shape[1]
     mask_BT = rollout.mask_BT[idx, :T]

@@ -13,6 +13,7 @@ from stages.config import ConfigError, config_hash
 from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
 from storage.location import Location, StorageError, resolve_root
 from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
+from storage.reports import ReportError
 
 app = typer.Typer(
     help="PPO with a learned critic for reasoning LMs: a resumable pipeline over object storage.",
@@ -74,10 +75,15 @@ def run(
     typer.echo(f"config hash {config_hash(config)[:16]}; record {layout.pipeline_config}")
     for stage_name in pipeline_stages(config):
         typer.echo(f"== {stage_name}")
-        run_stage_process(stage_name, config, nproc=nproc, log_line=typer.echo)
+        # Evaluation is one process (vLLM's tensor parallelism spreads a big model, not ranks).
+        ranks = 1 if stage_name == "evaluate" else nproc
+        run_stage_process(stage_name, config, nproc=ranks, log_line=typer.echo)
     for stage_name in STAGE_NAMES:
         typer.echo(f"  {stage_name:<14} {stage_status(layout, stage_name)}")
     typer.echo(f"run {config.run_id}: {layout.run}")
+    evaluation = read_manifest(layout.manifest("evaluate"))
+    if evaluation and "report" in evaluation.outputs:
+        typer.echo(f"report: {evaluation.outputs['report']}")
 
 
 @app.command()
@@ -153,6 +159,88 @@ def show(
             typer.echo(f"  metric  {name}: {value}")
 
 
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="HF checkpoint: local folder, storage URI, hub id, or `tiny`.")
+    ],
+    benchmark: Annotated[
+        str, typer.Option("--benchmark", help="Comma-separated: gsm8k, aime24, aime25, math500, arith.")
+    ] = "arith",
+    samples: Annotated[int | None, typer.Option(min=1, help="Sampled responses per problem.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Response budget in tokens.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N problems of each benchmark.")] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Checkpoint label in the report (default: from the checkpoint URI).")
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id", help="Run to write into (default: the run holding the checkpoint, else new)."
+        ),
+    ] = None,
+    storage: StorageOpt = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate any checkpoint on benchmarks; writes {run}/evaluate/{label}/report.{json,md,html} and samples."""
+    from stages.evaluate import BENCHMARKS, default_label, evaluate_into_run
+    from stages.runs import resolve_config
+
+    names = [b.strip() for b in benchmark.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown benchmark {', '.join(unknown) or repr(benchmark)} (known: {', '.join(BENCHMARKS)})"
+        )
+    overrides = list(set_ or []) + [f"evaluate.benchmarks=[{','.join(names)}]"]
+    for key, value in (("samples", samples), ("temperature", temperature),
+                       ("max_new_tokens", max_new_tokens), ("limit", limit)):  # fmt: skip
+        if value is not None:
+            overrides.append(f"evaluate.{key}={value}")
+    root = _root(storage, None)
+    run_id = run_id or _run_holding(root, checkpoint) or f"eval-{_timestamp()}"
+    config, _ = resolve_config(recipe, overrides, run_id=run_id, storage=storage)
+    report = evaluate_into_run(config, checkpoint, label or default_label(checkpoint))
+    typer.echo(f"run {config.run_id}; report at {report}")
+
+
+def _run_holding(root: Location, uri: str) -> str | None:
+    """The run id when `uri` lies inside a run under `root` ({root}/{run_id}/...)."""
+    prefix = root.uri.rstrip("/") + "/"
+    candidate = uri if "://" in uri or not uri else Location(uri).uri
+    if candidate.startswith(prefix):
+        run_id = candidate[len(prefix) :].split("/", 1)[0]
+        if read_pipeline_record(RunLayout(root, run_id)) is not None:
+            return run_id
+    return None
+
+
+def _timestamp() -> str:
+    from datetime import datetime, timezone
+
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@app.command()
+def report(
+    run_ids: Annotated[list[str], typer.Argument(help="Runs to compare (e.g. PPO and its GRPO baseline).")],
+    storage: StorageOpt = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Compare runs side by side: their evaluation reports and held-out accuracy vs. samples."""
+    from stages.reports import compare_runs
+    from storage.layout import comparison
+
+    root = _root(storage, endpoint_url)
+    for run_id in run_ids:
+        _existing_layout(run_id, storage, endpoint_url)
+    _, table = compare_runs(root, run_ids)
+    typer.echo(table)
+    typer.echo(f"written to {comparison(root, run_ids)}/report.md")
+
+
 @bench_app.command("gae")
 def bench_gae_command(
     batch: Annotated[int, typer.Option(min=1, help="Sequences.")] = 512,
@@ -193,7 +281,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause or fix (one line, exit 1); anything else is a bug and keeps its traceback."""
     launcher = sys.modules.get("flows.launcher")
     stage_failed = launcher.StageFailed if launcher else _LazyStageFailed
-    return (ConfigError, StorageError, ManifestError, stage_failed, FileNotFoundError, PermissionError)
+    lifecycle = sys.modules.get("stages.lifecycle")
+    in_process = lifecycle.USER_ERRORS if lifecycle else ()  # `rlpipe eval` runs stage code in-process
+    return (
+        ConfigError,
+        StorageError,
+        ManifestError,
+        ReportError,
+        stage_failed,
+        FileNotFoundError,
+        PermissionError,
+        *in_process,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

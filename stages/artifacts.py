@@ -65,7 +65,7 @@ def fetch_model_dir(uri: str, endpoint_url: str | None = None) -> str:
         if Path(local).exists():
             return str(Path(local).resolve())
         if uri.startswith(("/", "./", "../", "~", "file://")):
-            raise FileNotFoundError(f"model not found: {uri}")
+            raise FileNotFoundError(f"model not found: {uri} (has the stage that writes it run?)")
         return uri  # a hub id
     source = Location(uri, endpoint_url)
     manifest = producing_manifest(uri, endpoint_url)
@@ -101,9 +101,16 @@ def export_model_dir(local_dir: str | Path, destination: Location) -> None:
 
 
 def resolve_model_dir(uri: str, tiny_config, endpoint_url: str | None = None) -> str:
-    """Local directory (or hub id) of a model input; `tiny` builds the offline model (cached)."""
+    """Local directory (or hub id) of a model input; `tiny` builds the offline model (cached).
+
+    A path that looks local and does not exist fails here, in one line, not deep in transformers.
+    """
     if uri == TINY:
         from stages.tiny_model import tiny_model_path
 
         return str(tiny_model_path(tiny_config))
-    return fetch_model_dir(uri, endpoint_url)
+    local = fetch_model_dir(uri, endpoint_url)
+    looks_local = uri.startswith(("/", ".", "file://")) or "/final/" in uri
+    if not is_remote(uri) and looks_local and not Path(local).exists():
+        raise FileNotFoundError(f"model not found: {uri} (has the stage that writes it run?)")
+    return local

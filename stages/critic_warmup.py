@@ -31,7 +31,6 @@ same responses as an uninterrupted one.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from stages.algorithms import (
     outcome_rewards_to_tokens,
     value_loss,
 )
-from stages.artifacts import TINY, export_model_dir, is_remote, resolve_model_dir
+from stages.artifacts import TINY, export_model_dir, resolve_model_dir
 from stages.config import Section, config_hash, non_semantic
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import TokenBatch, build_token_batch, response_values
@@ -140,20 +139,20 @@ def run(config, force: bool = False) -> None:
     _check_batch_layout(cw, world)
 
     # 2. Models: the frozen policy (sampler; backbone of a shared critic), the critic, the RM.
-    policy_dir = _model_dir(inputs["policy"], config, ctx.endpoint_url)
+    policy_dir = resolve_model_dir(inputs["policy"], config.tiny_model, ctx.endpoint_url)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = load_reference(policy_dir, dtype, attn, trust) if shared or not cw.rollouts_from else None
     torch.manual_seed(config.seed)
-    critic_dir = _model_dir(inputs["critic_init"], config, ctx.endpoint_url)
+    critic_dir = resolve_model_dir(inputs["critic_init"], config.tiny_model, ctx.endpoint_url)
     critic, trainable = _build_critic(config, critic_dir, policy)
     engine = build_engine(trainable, cw.optim)
     rm = None
     if "reward_model" in inputs:
         rm = load_reward_model(
-            _model_dir(inputs["reward_model"], config, ctx.endpoint_url), dtype, attn, trust
+            resolve_model_dir(inputs["reward_model"], config.tiny_model, ctx.endpoint_url), dtype, attn, trust
         )
     generator = None
     if not cw.rollouts_from:
@@ -307,15 +306,6 @@ def _input_uris(config) -> dict[str, str]:
     if cw.rollouts_from:
         inputs["rollouts"] = cw.rollouts_from
     return inputs
-
-
-def _model_dir(uri: str, config, endpoint_url: str | None) -> str:
-    """Local directory of a model input; a missing local path fails in one line, not deep in transformers."""
-    local = resolve_model_dir(uri, config.tiny_model, endpoint_url)
-    looks_local = uri.startswith(("/", ".", "file://")) or "/final/" in uri
-    if uri != TINY and not is_remote(uri) and looks_local and not Path(local).exists():
-        raise StageError(f"{STAGE}: input model {uri} does not exist (has the stage that writes it run?)")
-    return local
 
 
 def _check_batch_layout(cw: CriticWarmupConfig, world: int) -> None:

@@ -44,6 +44,7 @@ from storage.manifests import (
     utc_now,
     write_manifest,
 )
+from storage.reports import ReportError
 
 if TYPE_CHECKING:  # the composed config imports every stage module, which import this one
     from stages.pipeline_config import PipelineConfig
@@ -174,6 +175,7 @@ USER_ERRORS = (
     StageError,
     StorageError,
     ManifestError,
+    ReportError,
     FileNotFoundError,
     PermissionError,
 )

@@ -20,6 +20,7 @@ from stages.config import (
     validate_config,
 )
 from stages.critic_warmup import CriticWarmupConfig
+from stages.evaluate import EvaluateConfig
 from stages.generation import SamplingConfig
 from stages.models import ModelConfig
 from stages.ppo import PPOConfig
@@ -75,6 +76,10 @@ class PipelineConfig(Section):
     )
     ppo: PPOConfig = Field(
         default_factory=PPOConfig, description="PPO with the learned critic (or the GRPO baseline)."
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig,
+        description="Evaluation of the starting and final policy on benchmarks, with reports.",
     )
 
 

@@ -28,7 +28,6 @@ again with the same seeds (seeded by (seed, step, rank)), so every step is store
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,7 +36,7 @@ from pydantic import Field
 from stages import distributed
 from stages.accuracy import heldout_accuracy
 from stages.algorithms import Aggregation, KLEstimator
-from stages.artifacts import TINY, is_remote, resolve_model_dir
+from stages.artifacts import TINY, resolve_model_dir
 from stages.config import Section, config_hash, non_semantic
 from stages.engine import OptimConfig, load_training_state, save_training_state
 from stages.generation import HFGenerator, sampling_seed
@@ -182,7 +181,7 @@ def run(config, force: bool = False) -> None:
         )
 
     # 2. Models: policy (+ shared value head) engine, separate critic engine, reference, RM; generator.
-    dirs = {name: _model_dir(uri, config, ctx.endpoint_url) for name, uri in inputs.items()}
+    dirs = {name: resolve_model_dir(uri, config.tiny_model, ctx.endpoint_url) for name, uri in inputs.items()}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -298,15 +297,6 @@ def _input_uris(config) -> dict[str, str]:
             )
         inputs["reward_model"] = rm
     return inputs
-
-
-def _model_dir(uri: str, config, endpoint_url: str | None) -> str:
-    """Local directory of a model input; a missing local path fails in one line, not deep in transformers."""
-    local = resolve_model_dir(uri, config.tiny_model, endpoint_url)
-    looks_local = uri.startswith(("/", ".", "file://")) or "/final/" in uri
-    if uri != TINY and not is_remote(uri) and looks_local and not Path(local).exists():
-        raise StageError(f"{STAGE}: input model {uri} does not exist (has the stage that writes it run?)")
-    return local
 
 
 def _check_batch_layout(ppo: PPOConfig, separate_critic: bool, world: int) -> None:

@@ -92,6 +92,18 @@ def _box_content(text: str, pos: int) -> str | None:
     return None
 
 
+def extract_answer(dataset: str, response: str) -> str | None:
+    """The final answer a grader would read from `response`, in a canonical spelling (what maj@k
+    votes on): the normalised number (arith, gsm8k) or the normalised last boxed content."""
+    if dataset in NUMERIC_DATASETS:
+        return extract_gsm8k_answer(response)
+    if dataset in BOXED_DATASETS:
+        boxed = extract_boxed_answer(response)
+        return normalise_latex(boxed) if boxed else None
+    known = ", ".join(sorted(NUMERIC_DATASETS | BOXED_DATASETS))
+    raise ValueError(f"no grader for dataset {dataset!r}; known: {known}")
+
+
 # ---------------------------------------------------------------------------------------------
 # grading
 # ---------------------------------------------------------------------------------------------

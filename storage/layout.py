@@ -8,6 +8,7 @@
 {root}/{run_id}/{stage}/final/{policy,value,reward_model}/
 {root}/{run_id}/{stage}/rollouts/step=000040/part-00000.parquet
 {root}/{run_id}/evaluate/{label}/report.{json,md,html}, samples.parquet, plots/
+{root}/comparisons/{run_id}+{run_id}.../report.{json,md}     `rlpipe report` of several runs
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ class RunLayout:
 
     def plots(self, label: str) -> Location:
         return self.evaluation(label) / "plots"
+
+
+def comparison(root: Location, run_ids: list[str]) -> Location:
+    """Where `rlpipe report RUN_ID ...` writes its side-by-side comparison (ids in the given order)."""
+    if not run_ids:
+        raise ValueError("a comparison needs at least one run id")
+    return root / "comparisons" / "+".join(validate_run_id(r) for r in run_ids)
 
 
 def list_run_ids(root: Location) -> list[str]:

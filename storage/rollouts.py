@@ -196,6 +196,13 @@ def rollout_parts(rollouts: Location, steps: range | Iterable[int] | None = None
     return [location for _, _, location in sorted(found, key=lambda item: item[:2])]
 
 
+def rollout_steps(rollouts: Location) -> list[int]:
+    """The steps that have at least one part file, ascending."""
+    return sorted(
+        {int(_PART.match(relative).group(1)) for relative in rollouts.walk_files() if _PART.match(relative)}
+    )
+
+
 def rollout_data_files(rollouts: Location, steps: range | Iterable[int] | None = None) -> list[str]:
     """URIs of the part files, for other readers: `datasets.load_dataset("parquet", data_files=...)`."""
     return [part.uri for part in rollout_parts(rollouts, steps)]

@@ -15,7 +15,9 @@ from flows.cli import main
 RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 # `rlpipe run` with every stage switched off: these tests are about the CLI, the stage tests run stages.
 NO_STAGES = [
-    arg for s in ("sft", "reward_model", "critic_warmup", "ppo") for arg in ("--set", f"{s}.enabled=false")
+    arg
+    for s in ("sft", "reward_model", "critic_warmup", "ppo", "evaluate")
+    for arg in ("--set", f"{s}.enabled=false")
 ]
 
 

@@ -8,6 +8,7 @@ warmup: the critic starts from the policy with a zero head.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -353,3 +354,17 @@ def test_value_diagnostics_from_stored_rollouts_match_the_logged_ones(base):
     assert any(k.startswith("ppo/value/value_correct_pos") for k in offline)
     for name, value in offline.items():
         assert logged[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_evaluate_stage_reports_initial_vs_final_with_ppo_curves_and_value_diagnostics(base):
+    evaluate = ["evaluate.benchmarks=[arith]", "evaluate.limit=4", "evaluate.samples=2"]
+    stage("evaluate", "base", base.root.uri, [*PPO, *evaluate])
+    manifest = read_manifest(base.manifest("evaluate"))
+    assert manifest.inputs["initial"].uri == str(base.final("sft", "policy"))
+    assert manifest.inputs["final"].uri == str(base.final(STAGE, "policy"))
+    report = json.loads(base.report("final", "json").read_text())
+    assert list(report["checkpoints"]) == ["initial", "final"]
+    plots = set(base.plots("final").list_names())
+    assert {"accuracy.png", "response_length.png", "ppo_reward_accuracy.png"} <= plots
+    assert {"value_by_position.png", "value_by_length_bin.png"} <= plots
+    assert "arith: final vs. initial" in base.report("final", "md").read_text()

@@ -199,6 +199,8 @@ def eval_command(
                        ("max_new_tokens", max_new_tokens), ("limit", limit)):  # fmt: skip
         if value is not None:
             overrides.append(f"evaluate.{key}={value}")
+    if limit is not None:
+        overrides.append("evaluate.limits={}")  # --limit applies to every benchmark
     root = _root(storage, None)
     run_id = run_id or _run_holding(root, checkpoint) or f"eval-{_timestamp()}"
     config, _ = resolve_config(recipe, overrides, run_id=run_id, storage=storage)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -59,6 +59,10 @@ class EvaluateConfig(Section):
     limit: int | None = Field(
         None, ge=1, description="First N problems of each benchmark; null: all (arith: task.heldout_size)."
     )
+    limits: dict[Benchmark, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="Per-benchmark problem counts that override `limit`, e.g. {arith: 200}.",
+    )
     checkpoints: dict[str, str] = Field(
         default_factory=dict,
         description="More checkpoints to evaluate: label -> URI (HF folder, storage URI or hub id).",
@@ -75,7 +79,7 @@ class EvalSettings:
     benchmarks: list[str]
     samples: int
     sampling: SamplingConfig  # temperature and max_new_tokens resolved
-    limit: int | None
+    limits: dict[str, int | None]  # benchmark -> first N problems (None: all)
     seed: int
     task: TaskConfig  # the arith benchmark is the task's held-out split
     trust_remote_code: bool = False
@@ -88,7 +92,7 @@ class EvalSettings:
             "max_new_tokens": self.sampling.max_new_tokens,
             "top_p": self.sampling.top_p,
             "backend": self.sampling.backend,
-            "limit": self.limit,
+            "limits": self.limits,
             "seed": self.seed,
             "task": self.task.model_dump(mode="json"),
         }
@@ -116,7 +120,7 @@ def settings_from_config(config) -> EvalSettings:
         benchmarks=list(evaluation.benchmarks),
         samples=evaluation.samples,
         sampling=sampling,
-        limit=evaluation.limit,
+        limits={name: evaluation.limits.get(name, evaluation.limit) for name in evaluation.benchmarks},
         seed=config.seed,
         task=config.task,
         trust_remote_code=config.model.trust_remote_code,
@@ -150,7 +154,7 @@ def evaluate_checkpoint(model_dir: str, uri: str, label: str, settings: EvalSett
     result = CheckpointResult(uri=uri, benchmarks={})
     budget = settings.sampling.max_new_tokens
     for name in settings.benchmarks:
-        problems = benchmark_problems(name, settings.limit, settings.task)
+        problems = benchmark_problems(name, settings.limits[name], settings.task)
         prompts = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
         fits = [context is None or len(ids) + budget <= context for ids in prompts]
         greedy = _generate(
@@ -287,7 +291,7 @@ def run(config, force: bool = False) -> None:
         print(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)", flush=True)
         return
     for name in settings.benchmarks:  # missing data fails before any model is loaded
-        benchmark_problems(name, settings.limit, settings.task)
+        benchmark_problems(name, settings.limits[name], settings.task)
 
     # 2. Evaluate each checkpoint; its report (which includes the labels evaluated before it) is
     #    written as soon as it is done, so a crash later loses only the labels not yet written.
@@ -328,7 +332,7 @@ def evaluate_into_run(config, uri: str, label: str) -> str:
         raise StageError(f"{STAGE}: invalid label: {err}".replace("run id", "label")) from None
     settings = settings_from_config(config)
     for name in settings.benchmarks:
-        benchmark_problems(name, settings.limit, settings.task)
+        benchmark_problems(name, settings.limits[name], settings.task)
     model_dir = resolve_model_dir(uri, config.tiny_model, config.storage.endpoint_url)
     result = evaluate_checkpoint(model_dir, uri, label, settings)
     layout = open_run(config)  # only now: bad input above leaves storage untouched

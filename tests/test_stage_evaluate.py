@@ -219,7 +219,7 @@ def test_an_unloadable_checkpoint_and_missing_data_get_one_line(tmp_path, capsys
 
 def test_pipeline_stage_evaluates_its_checkpoints_and_is_skipped_when_complete(tmp_path):
     no_training = [f"{s}.enabled=false" for s in ("sft", "reward_model", "critic_warmup", "ppo")]
-    sets = [*no_training, "model.policy=tiny", "evaluate.benchmarks=[arith]", "evaluate.limit=3",
+    sets = [*no_training, "model.policy=tiny", "evaluate.benchmarks=[arith]", "evaluate.limit=50", "evaluate.limits={arith: 3}",
             "evaluate.samples=2", "generation.max_new_tokens=8", "evaluate.checkpoints={again: tiny}",
             "wandb.mode=disabled"]  # fmt: skip
     args = [

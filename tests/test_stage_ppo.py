@@ -357,7 +357,8 @@ def test_value_diagnostics_from_stored_rollouts_match_the_logged_ones(base):
 
 
 def test_evaluate_stage_reports_initial_vs_final_with_ppo_curves_and_value_diagnostics(base):
-    evaluate = ["evaluate.benchmarks=[arith]", "evaluate.limit=4", "evaluate.samples=2"]
+    # arith = the task's held-out split, 4 samples: the same sampling as PPO's in-loop evaluation
+    evaluate = ["evaluate.benchmarks=[arith]", "evaluate.limit=null", "evaluate.limits={}", "evaluate.samples=4"]
     stage("evaluate", "base", base.root.uri, [*PPO, *evaluate])
     manifest = read_manifest(base.manifest("evaluate"))
     assert manifest.inputs["initial"].uri == str(base.final("sft", "policy"))
@@ -368,3 +369,9 @@ def test_evaluate_stage_reports_initial_vs_final_with_ppo_curves_and_value_diagn
     assert {"accuracy.png", "response_length.png", "ppo_reward_accuracy.png"} <= plots
     assert {"value_by_position.png", "value_by_length_bin.png"} <= plots
     assert "arith: final vs. initial" in base.report("final", "md").read_text()
+    # an independent code path, the same numbers as PPO's own held-out evaluation
+    ppo_metrics = read_manifest(base.manifest(STAGE)).metrics
+    for label, prefix in (("initial", "initial_"), ("final", "")):
+        arith = report["checkpoints"][label]["benchmarks"]["arith"]
+        assert arith["greedy"] == pytest.approx(ppo_metrics[f"{prefix}heldout_greedy"], abs=1e-9)
+        assert arith["pass@1"] == pytest.approx(ppo_metrics[f"{prefix}heldout_sampled"], abs=1e-9)

@@ -296,6 +296,7 @@ def run(config, force: bool = False) -> None:
     # 2. Evaluate each checkpoint; its report (which includes the labels evaluated before it) is
     #    written as soon as it is done, so a crash later loses only the labels not yet written.
     reports: dict[str, str] = {}
+    summary: dict[str, float] = {}  # the headline numbers, for the manifest
     for label, uri in checkpoints.items():
         model_dir = resolve_model_dir(uri, config.tiny_model, ctx.endpoint_url)
         print(f"{STAGE}: {label} = {uri}", flush=True)
@@ -304,16 +305,13 @@ def run(config, force: bool = False) -> None:
             publish_evaluation(ctx.layout, label, result, settings.as_dict(), config_hash=ctx.config_hash)
         )
         for name, metrics in result.benchmarks.items():
+            summary |= {f"{label}/{name}/{m}": metrics[m] for m in ("greedy", "pass@1")}
             print(
                 f"{STAGE}: {label} {name}: greedy {metrics['greedy']:.3f} pass@1 {metrics['pass@1']:.3f}",
                 flush=True,
             )
 
     # 3. The manifest (last): report locations and the headline numbers.
-    summary = {f"{label}/{name}/{metric}": value
-               for label, uri in reports.items()
-               for name, values in _read_benchmarks(ctx.layout, label).items()
-               for metric, value in values.items() if metric in ("greedy", "pass@1")}  # fmt: skip
     # "report": the one to read, the last label's (it holds every label of the run).
     readable = str(ctx.layout.report(list(reports)[-1], "md"))
     finish_stage(ctx, outputs={**reports, "report": readable}, metrics=summary)
@@ -347,13 +345,6 @@ def default_label(uri: str) -> str:
     parts = [p for p in re.split(r"[/\\]+", uri.split("://")[-1]) if p][-3:]
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-._")
     return label[:128] or "checkpoint"
-
-
-def _read_benchmarks(layout, label: str) -> dict[str, dict]:
-    from storage.reports import read_report
-
-    report = read_report(layout.report(label, "json")) or {"checkpoints": {}}
-    return report["checkpoints"].get(label, {}).get("benchmarks", {})
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from storage.manifests import read_manifest, read_pipeline_record, utc_now
 from storage.metrics import read_metrics
 from storage.reports import read_report, read_samples, report_json_bytes, write_report, write_samples
 from storage.rollouts import read_rollouts, rollout_steps
-from storage.secrets import redact
 
 HEADLINE = ("greedy", "pass@1")
 
@@ -372,7 +371,7 @@ def compare_runs(root: Location, run_ids: list[str]) -> tuple[dict, str]:
     folder = comparison(root, run_ids)
     (folder / "heldout_vs_samples.png").write_bytes(_curves_plot(curves))
     (folder / "report.md").write_text(markdown)
-    (folder / "report.json").write_bytes(report_json_bytes(redact(result)))
+    (folder / "report.json").write_bytes(report_json_bytes(result))
     return result, text_table
 
 

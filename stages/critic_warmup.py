@@ -44,17 +44,19 @@ from stages.algorithms import (
     outcome_rewards_to_tokens,
     value_loss,
 )
-from stages.artifacts import TINY, export_model_dir, resolve_model_dir
-from stages.config import Section, config_hash, non_semantic
+from stages.artifacts import export_model_dir, resolve_model_dir
+from stages.config import Section, non_semantic
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import TokenBatch, build_token_batch, response_values
 from stages.generation import HFGenerator, sampling_seed
 from stages.inputs import critic_init_uri, policy_uri, reward_model_uri
 from stages.lifecycle import (
     StageError,
+    StagePlan,
     begin_stage,
     check_resumable,
     finish_stage,
+    make_plan,
     release_staging_dir,
     stage_main,
     staging_dir,
@@ -103,6 +105,13 @@ class CriticWarmupConfig(Section):
     )
 
 
+def plan(config) -> StagePlan:
+    """What the result depends on: this section, task, model, sampling, reward, seed; and its inputs."""
+    semantic = {"critic_warmup": config.critic_warmup, "task": config.task, "model": config.model}
+    semantic |= {"generation": config.generation, "reward": config.reward, "seed": config.seed}
+    return make_plan(config, semantic, _input_uris(config))
+
+
 def run(config, force: bool = False) -> None:
     """The critic-warmup recipe, top to bottom."""
     distributed.init_distributed()
@@ -113,25 +122,7 @@ def run(config, force: bool = False) -> None:
 
     # 1. Skip if complete for this config and these inputs; otherwise claim the stage.
     inputs = _input_uris(config)
-    tiny_hash = config_hash(config.tiny_model) if TINY in inputs.values() else None
-    ctx = begin_stage(
-        STAGE,
-        config,
-        semantic={
-            "critic_warmup": cw,
-            "task": config.task,
-            "model": config.model,
-            "generation": config.generation,
-            "reward": config.reward,
-            "seed": config.seed,
-            "tiny": tiny_hash,
-        },
-        inputs=inputs,
-        force=force,
-        rank=rank,
-        world_size=world,
-        tiny_hash=tiny_hash,
-    )
+    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
     if ctx is None:
         distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return

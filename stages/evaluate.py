@@ -23,13 +23,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from stages import distributed
-from stages.artifacts import TINY, resolve_model_dir
-from stages.config import Section, config_hash, non_semantic
+from stages.artifacts import resolve_model_dir
+from stages.config import Section, non_semantic
 from stages.datasets import DataError, Problem, format_prompt, load_problems
 from stages.eval_metrics import k_values, mean_maj_at_k, mean_pass_at_k
 from stages.generation import SamplingConfig, make_generator
 from stages.inputs import layout_of, policy_uri
-from stages.lifecycle import StageError, begin_stage, finish_stage, stage_main
+from stages.lifecycle import StageError, StagePlan, begin_stage, finish_stage, make_plan, stage_main
 from stages.reports import publish_evaluation
 from stages.rewards import extract_answer, grade
 from stages.tasks import TaskConfig, task_problems
@@ -271,6 +271,12 @@ def checkpoints_to_evaluate(config) -> dict[str, str]:
     return checkpoints
 
 
+def plan(config) -> StagePlan:
+    """What the reports depend on: this section, sampling, task, seed; inputs: the checkpoints."""
+    semantic = {"evaluate": config.evaluate, "generation": config.generation, "task": config.task}
+    return make_plan(config, semantic | {"seed": config.seed}, checkpoints_to_evaluate(config))
+
+
 def run(config, force: bool = False) -> None:
     """The evaluation recipe, top to bottom (one process: vLLM's tensor parallelism spreads a big model)."""
     if distributed.world_size() > 1:
@@ -281,12 +287,7 @@ def run(config, force: bool = False) -> None:
     # 1. Skip if complete for this config and these checkpoints; otherwise claim the stage.
     checkpoints = checkpoints_to_evaluate(config)
     settings = settings_from_config(config)
-    tiny_hash = config_hash(config.tiny_model) if TINY in checkpoints.values() else None
-    ctx = begin_stage(
-        STAGE, config, semantic={"evaluate": config.evaluate, "generation": config.generation,
-                                 "task": config.task, "seed": config.seed, "tiny": tiny_hash},
-        inputs=checkpoints, force=force, tiny_hash=tiny_hash,
-    )  # fmt: skip
+    ctx = begin_stage(STAGE, config, plan(config), force=force)
     if ctx is None:
         print(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)", flush=True)
         return

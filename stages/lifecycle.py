@@ -1,6 +1,6 @@
 """The stage contract: what every stage does before and after its own loop.
 
-    ctx = begin_stage("sft", config, semantic={...}, inputs={"policy": uri}, force=force)
+    ctx = begin_stage("sft", config, plan(config), force=force)   # plan: what the result depends on
     if ctx is None: return            # complete for this config hash and these inputs: skipped
     ... resume from the latest committed checkpoint, train, checkpoint every save_every ...
     finish_stage(ctx, outputs={...}, metrics={...})   # the manifest, written last
@@ -11,12 +11,13 @@
 - Checkpoints record the stage's config hash; resuming from checkpoints written under another
   config is refused (with a line saying how to start over) instead of silently mixing the two.
 - `stage_main` is the `python -m stages.<name> --config FILE [--force]` entry point: bad input
-  ends in one line on stderr and exit code 1, never a traceback.
+  ends in one line on stderr and exit code 3 (USER_ERROR_EXIT), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from stages import distributed
-from stages.artifacts import input_ref_for
+from stages.artifacts import TINY, input_ref_for
 from stages.config import ConfigError, config_hash, load_recipe, validate_config
 from stages.datasets import DataError
 from storage.layout import RunLayout
@@ -76,6 +77,31 @@ class StageContext:
         return self.config.storage.endpoint_url
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage's result depends on: config parts (hashed) and input URIs (with their lineage).
+
+    Every stage module defines `plan(config) -> StagePlan`, so whether a stage would be skipped
+    can be decided without starting it (the orchestrator does, before claiming a GPU).
+    """
+
+    semantic: dict[str, Any]
+    inputs: dict[str, str]
+
+    @property
+    def tiny_hash(self) -> str | None:
+        """The tiny model's config hash when an input is the offline tiny model (it has no manifest)."""
+        return self.semantic.get("tiny")
+
+
+def make_plan(
+    config: PipelineConfig, semantic: dict[str, BaseModel | Any], inputs: dict[str, str]
+) -> StagePlan:
+    """A plan whose hash also covers the tiny model's size when an input is `tiny`."""
+    tiny = config_hash(config.tiny_model) if TINY in inputs.values() else None
+    return StagePlan(semantic={**semantic, "tiny": tiny}, inputs=dict(inputs))
+
+
 def stage_hash(semantic: dict[str, BaseModel | Any]) -> str:
     """Hash of the config parts a stage's result depends on (sections and plain values)."""
     parts = {
@@ -94,23 +120,36 @@ def clear_stage(layout: RunLayout, stage: str) -> None:
     layout.stage(stage).remove(recursive=True)
 
 
+def _completion_check(stage: str, config: PipelineConfig, plan: StagePlan):
+    layout = RunLayout(config.storage.root_location(), config.run_id)
+    endpoint = config.storage.endpoint_url
+    refs = {name: input_ref_for(uri, endpoint, plan.tiny_hash) for name, uri in plan.inputs.items()}
+    digest = stage_hash(plan.semantic)
+    return layout, refs, digest, is_stage_complete(layout.manifest(stage), digest, refs)
+
+
+def stage_is_complete(stage: str, config: PipelineConfig) -> bool:
+    """Whether `stage` would be skipped: complete for this config hash and these inputs.
+
+    Raises the stage's own one-line errors when its inputs cannot be resolved (e.g. PPO's critic
+    asked for with the critic-warmup stage disabled), so bad input fails before any GPU work.
+    """
+    plan = importlib.import_module(f"stages.{stage}").plan(config)
+    return _completion_check(stage, config, plan)[3]
+
+
 def begin_stage(
     stage: str,
     config: PipelineConfig,
+    plan: StagePlan,
     *,
-    semantic: dict[str, BaseModel | Any],
-    inputs: dict[str, str],
     force: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    tiny_hash: str | None = None,
 ) -> StageContext | None:
     """Decide whether the stage runs; None means it is already complete for this config and inputs."""
-    layout = RunLayout(config.storage.root_location(), config.run_id)
-    endpoint = config.storage.endpoint_url
-    refs = {name: input_ref_for(uri, endpoint, tiny_hash) for name, uri in inputs.items()}
-    digest = stage_hash(semantic)
-    if not force and is_stage_complete(layout.manifest(stage), digest, refs):
+    layout, refs, digest, complete = _completion_check(stage, config, plan)
+    if not force and complete:
         return None
     if force and rank == 0:
         clear_stage(layout, stage)
@@ -181,6 +220,10 @@ USER_ERRORS = (
 )
 
 
+# Exit code of a stage stopped by bad input: retrying it cannot help (a crash exits 1, a kill -signal).
+USER_ERROR_EXIT = 3
+
+
 def load_stage_config(path: str) -> PipelineConfig:
     from stages.pipeline_config import PipelineConfig
 
@@ -201,7 +244,7 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, bool], Any], argv: lis
         run(load_stage_config(args.config), args.force)
     except USER_ERRORS as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     return 0
 
 

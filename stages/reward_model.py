@@ -21,8 +21,8 @@ from pydantic import Field, model_validator
 
 from stages import distributed
 from stages.algorithms import bradley_terry_loss
-from stages.artifacts import TINY, export_model_dir, resolve_model_dir
-from stages.config import Section, config_hash, non_semantic
+from stages.artifacts import export_model_dir, resolve_model_dir
+from stages.config import Section, non_semantic
 from stages.datasets import (
     DataError,
     PreferencePair,
@@ -34,9 +34,11 @@ from stages.forward import build_token_batch
 from stages.inputs import policy_uri
 from stages.lifecycle import (
     StageError,
+    StagePlan,
     begin_stage,
     check_resumable,
     finish_stage,
+    make_plan,
     release_staging_dir,
     stage_main,
     staging_dir,
@@ -112,6 +114,15 @@ class EncodedPair:
     margin: float | None
 
 
+def plan(config) -> StagePlan:
+    """What the result depends on: the RM section, task, model, seed; inputs: the init model (+ pairs)."""
+    rm = config.reward_model
+    inputs = {"init": policy_uri(config, rm.init_from)}
+    inputs |= {} if rm.pairs_from == "task" else {"pairs": rm.pairs_from}
+    semantic = {"reward_model": rm, "task": config.task, "model": config.model, "seed": config.seed}
+    return make_plan(config, semantic, inputs)
+
+
 def run(config, force: bool = False) -> None:
     """The reward-model recipe, top to bottom."""
     distributed.init_distributed()
@@ -119,25 +130,8 @@ def run(config, force: bool = False) -> None:
     rm = config.reward_model
 
     # 1. Skip if complete for this config and inputs; otherwise claim the stage.
-    init_uri = policy_uri(config, rm.init_from)
-    tiny_hash = config_hash(config.tiny_model) if init_uri == TINY else None
-    inputs = {"init": init_uri} | ({} if rm.pairs_from == "task" else {"pairs": rm.pairs_from})
-    ctx = begin_stage(
-        STAGE,
-        config,
-        semantic={
-            "reward_model": rm,
-            "task": config.task,
-            "model": config.model,
-            "seed": config.seed,
-            "tiny": tiny_hash,
-        },
-        inputs=inputs,
-        force=force,
-        rank=rank,
-        world_size=world,
-        tiny_hash=tiny_hash,
-    )
+    inputs = plan(config).inputs
+    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
     if ctx is None:
         distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return
@@ -147,7 +141,7 @@ def run(config, force: bool = False) -> None:
     train_text, heldout_text = _load_pairs(config)
 
     # 3. Model (starting policy's backbone + fresh score head), tokenizer, engine; tokenised pairs.
-    init_dir = resolve_model_dir(init_uri, config.tiny_model, ctx.endpoint_url)
+    init_dir = resolve_model_dir(inputs["init"], config.tiny_model, ctx.endpoint_url)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(init_dir)

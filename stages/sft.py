@@ -16,14 +16,16 @@ from pydantic import Field
 from stages import distributed
 from stages.accuracy import heldout_accuracy
 from stages.algorithms import aggregate_loss
-from stages.artifacts import TINY, export_model_dir, resolve_model_dir
-from stages.config import Section, config_hash, non_semantic
+from stages.artifacts import export_model_dir, resolve_model_dir
+from stages.config import Section, non_semantic
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import build_token_batch, response_logprobs
 from stages.lifecycle import (
+    StagePlan,
     begin_stage,
     check_resumable,
     finish_stage,
+    make_plan,
     release_staging_dir,
     stage_main,
     staging_dir,
@@ -53,6 +55,12 @@ class SFTConfig(Section):
     )
 
 
+def plan(config) -> StagePlan:
+    """What the result depends on: the SFT section, the task, the model, the seed; input: the policy."""
+    semantic = {"sft": config.sft, "task": config.task, "model": config.model, "seed": config.seed}
+    return make_plan(config, semantic, {"policy": config.model.policy})
+
+
 def run(config, force: bool = False) -> None:
     """The SFT recipe, top to bottom."""
     distributed.init_distributed()
@@ -60,23 +68,7 @@ def run(config, force: bool = False) -> None:
     sft = config.sft
 
     # 1. Skip if complete for this config and input; otherwise claim the stage.
-    tiny_hash = config_hash(config.tiny_model) if config.model.policy == TINY else None
-    ctx = begin_stage(
-        STAGE,
-        config,
-        semantic={
-            "sft": sft,
-            "task": config.task,
-            "model": config.model,
-            "seed": config.seed,
-            "tiny": tiny_hash,
-        },
-        inputs={"policy": config.model.policy},
-        force=force,
-        rank=rank,
-        world_size=world,
-        tiny_hash=tiny_hash,
-    )
+    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
     if ctx is None:
         distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return

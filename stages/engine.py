@@ -213,6 +213,26 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig):
 
 
 # ---- pickle-free loading of DeepSpeed checkpoints ------------------------------------------------
+def step_engine(engine) -> float | None:
+    """`engine.step()`; returns the global gradient 2-norm (before clipping) when this step applied
+    an update (the end of an accumulation cycle), else None.
+
+    DeepSpeed's own `get_global_grad_norm()` is only filled by its ZeRO/bf16/fp16 optimizers; for
+    plain fp32 ZeRO-0 (the CPU default) the norm is taken from the parameters' gradients, which at
+    the accumulation boundary are already all-reduced over the ranks.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    engine.step()
+    if boundary and norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = None if reported is None else float(reported)
+    return norm
+
+
 def _deepspeed_safe_globals() -> list:
     """Plain DeepSpeed value types that appear in its checkpoints (no behaviour runs on unpickling)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -267,6 +287,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_from_b64(s) for s in state["torch_cuda"]])
 
 
+HF_EXPORTS = "hf"  # folder of a checkpoint holding Hugging Face exports of its models (optional)
+
+
 def _rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.json"
 
@@ -279,11 +302,14 @@ def save_training_state(
     step: int,
     keep_last: int | None,
     staging_dir: str | Path,
+    hf_export: Callable[[Path], Any] | None = None,
 ) -> None:
     """Checkpoint every engine, each rank's RNG and the trainer state as committed step `step`.
 
     Collective: every rank calls it. `trainer_state` must be JSON-serialisable (data cursor, ...);
     `step` is stored in it. `staging_dir` is a local folder seen by every rank of the node.
+    `hf_export(folder)`, called on rank 0, adds Hugging Face exports under `{step}/hf/`: committed
+    with the shards, so they can be evaluated (`rlpipe eval`) while the stage still trains.
     """
     # Serialised first, on every rank: a value JSON cannot hold fails everywhere, before any file is written.
     state_json = json.dumps({**trainer_state, "step": step}, indent=1)
@@ -301,6 +327,8 @@ def save_training_state(
     rng_path.write_text(json.dumps(rng_state()))
     if rank == 0:
         (staged / TRAINER_STATE).write_text(state_json)
+        if hf_export is not None:
+            hf_export(staged / HF_EXPORTS)
 
     # 2. Rank 0 commits once every rank's files are on disk; the others wait for the commit.
     distributed.barrier()
@@ -337,6 +365,7 @@ def load_training_state(
         raise CheckpointError(f"rank 0 could not restore a checkpoint from {checkpoints} (see its log)")
     if step == _NOTHING:
         return None
+    distributed.print0(f"resuming from the committed checkpoint of step {step} ({checkpoints})")
     local = Path(staging_dir) / step_dir_name(step)
 
     for name, engine in engines.items():

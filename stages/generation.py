@@ -419,11 +419,15 @@ class VLLMGenerator:
         return GeneratedSample(list(prompt), tokens, logprobs, completion.finish_reason, self._policy_version)
 
     def update_weights(
-        self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int
+        self, weights: torch.nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int
     ) -> None:
-        """Push HF-named tensors (a state dict or its items) into every worker, then reset the
-        prefix cache (its KV entries were computed with the old weights)."""
+        """Push HF-named tensors (a module's state dict, a state dict or its items) into every
+        worker, then reset the prefix cache (its KV entries were computed with the old weights).
+        A ZeRO-3 module must be called inside `deepspeed.zero.GatheredParameters` (its parameters
+        are partitioned otherwise)."""
         self._check_awake("update_weights")
+        if isinstance(weights, torch.nn.Module):
+            weights = getattr(weights, "module", weights).state_dict()
         items = weights.items() if isinstance(weights, Mapping) else weights
         for bucket in _buckets(items, _VLLM_PUSH_BUCKET_BYTES):
             self.llm.collective_rpc("rlpipe_load_weights", args=(bucket,))

@@ -28,6 +28,7 @@ again with the same seeds (seeded by (seed, step, rank)), so every step is store
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Literal
 
 import torch
@@ -36,21 +37,23 @@ from pydantic import Field
 from stages import distributed
 from stages.accuracy import heldout_accuracy
 from stages.algorithms import Aggregation, KLEstimator
-from stages.artifacts import TINY, resolve_model_dir
-from stages.config import Section, config_hash, non_semantic
+from stages.artifacts import resolve_model_dir
+from stages.config import Section, non_semantic
 from stages.engine import OptimConfig, load_training_state, save_training_state
-from stages.generation import HFGenerator, sampling_seed
+from stages.generation import HFGenerator, make_generator, sampling_seed
 from stages.inputs import critic_uri, policy_uri, reward_model_uri
 from stages.lifecycle import (
     StageError,
+    StagePlan,
     begin_stage,
     check_resumable,
     finish_stage,
+    make_plan,
     release_staging_dir,
     stage_main,
     staging_dir,
 )
-from stages.ppo_models import build_models, export_models
+from stages.ppo_models import build_models, export_models, save_hf_models
 from stages.ppo_step import compute_advantages, old_quantities, rollout_table, step_metrics, update
 from stages.rollouts import score_samples
 from stages.tasks import batch_indices, encode_problems, shard, task_problems
@@ -143,6 +146,11 @@ class PPOConfig(Section):
     keep_last: int = non_semantic(
         2, ge=1, description="Committed checkpoints kept (the newest is never removed)."
     )
+    hf_checkpoints: bool = non_semantic(
+        True,
+        description="Also commit a Hugging Face export of the policy (and critic) with each checkpoint "
+        "(`checkpoints/step_N/hf/policy`), so it can be evaluated while training goes on.",
+    )
     log_every: int = non_semantic(1, ge=1, description="Write metrics every N steps.")
     eval_every: int | None = non_semantic(
         10,
@@ -154,6 +162,13 @@ class PPOConfig(Section):
     )
 
 
+def plan(config) -> StagePlan:
+    """What the result depends on: this section, task, model, sampling, reward, seed; and its inputs."""
+    semantic = {"ppo": config.ppo, "task": config.task, "model": config.model}
+    semantic |= {"generation": config.generation, "reward": config.reward, "seed": config.seed}
+    return make_plan(config, semantic, _input_uris(config))
+
+
 def run(config, force: bool = False) -> None:
     """The PPO recipe, top to bottom."""
     distributed.init_distributed()
@@ -163,22 +178,12 @@ def run(config, force: bool = False) -> None:
 
     # 1. Skip if complete for this config and these inputs; otherwise claim the stage.
     inputs = _input_uris(config)
-    tiny_hash = config_hash(config.tiny_model) if TINY in inputs.values() else None
-    semantic = {"ppo": ppo, "task": config.task, "model": config.model, "generation": config.generation}
-    semantic |= {"reward": config.reward, "seed": config.seed, "tiny": tiny_hash}
-    ctx = begin_stage(
-        STAGE, config, semantic=semantic, inputs=inputs, force=force, rank=rank, world_size=world,
-        tiny_hash=tiny_hash,
-    )  # fmt: skip
+    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
     if ctx is None:
         distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return
     layout = ctx.layout
     _check_batch_layout(ppo, uses_critic and config.model.critic_mode == "separate", world)
-    if config.generation.backend != "hf":
-        raise StageError(
-            f"{STAGE}: generation.backend {config.generation.backend!r} is not wired into PPO yet (use hf)"
-        )
 
     # 2. Models: policy (+ shared value head) engine, separate critic engine, reference, RM; generator.
     dirs = {name: resolve_model_dir(uri, config.tiny_model, ctx.endpoint_url) for name, uri in inputs.items()}
@@ -191,7 +196,12 @@ def run(config, force: bool = False) -> None:
     torch.manual_seed(config.seed)
     models = build_models(config, dirs)
     temperature = config.generation.temperature or 1.0  # greedy rollouts: logprobs at temperature 1
-    generator = HFGenerator(models.policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    # hf samples from the live policy module; vllm starts from the policy's files, then gets every
+    # update pushed (`push_weights`), and sleeps through the updates when colocated.
+    generator = make_generator(
+        config.generation, dirs["policy"] if config.generation.backend == "vllm" else models.policy,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=config.seed,
+    )  # fmt: skip
 
     # 3. Data: training prompts (the split every stage uses) and the held-out prompts.
     train = encode_problems(task_problems(config.task, "train"), tokenizer)
@@ -209,7 +219,7 @@ def run(config, force: bool = False) -> None:
         check_resumable(ctx, state)
     start = state["step"] if state else 0
     initial = state["initial_accuracy"] if state else evaluate()  # before step 1, kept for resumed runs
-    generator.update_weights(models.policy, version=start)
+    push_weights(generator, models, ppo.policy_optim, version=start)
     if ctx.is_main:
         delete_rollouts_after(layout.rollouts(STAGE), start)
     distributed.barrier()
@@ -231,6 +241,7 @@ def run(config, force: bool = False) -> None:
         samples = generator.generate(
             [p.prompt_ids for p in prompts], config.generation, sampling_seed(config.seed, done, rank)
         )
+        generator.sleep()  # colocated vLLM frees its GPU memory for the updates
         # step 2. score: verifier and/or reward model
         scored = score_samples(samples, prompts, tokenizer, config.reward, rm=models.rm)
         # step 3. old logprobs, reference logprobs, old values (no grad)
@@ -241,7 +252,8 @@ def run(config, force: bool = False) -> None:
         train_policy = done > ppo.policy_warmup_steps
         stats = update(models, rollout, ppo, temperature, train_policy, (config.seed, done))
         # step 7. new weights to the generator; metrics; rollouts; checkpoint
-        generator.update_weights(models.policy, version=done)
+        generator.wake()
+        push_weights(generator, models, ppo.policy_optim, version=done)
         if done % ppo.log_every == 0 or done == ppo.steps:
             tracker.log(done, step_metrics(rollout, scored, stats, models))
         if ppo.eval_every and done % ppo.eval_every == 0 or done == ppo.steps:
@@ -254,7 +266,13 @@ def run(config, force: bool = False) -> None:
             trainer_state = {"config_hash": ctx.config_hash, "data_cursor": done * ppo.prompts_per_step}
             trainer_state["initial_accuracy"] = initial
             save_training_state(
-                models.engines, trainer_state, layout.checkpoints(STAGE), done, ppo.keep_last, staging
+                models.engines,
+                trainer_state,
+                layout.checkpoints(STAGE),
+                done,
+                ppo.keep_last,
+                staging,
+                hf_export=partial(save_hf_models, models, tokenizer) if ppo.hf_checkpoints else None,
             )
     tracker.close()
     if not accuracy:  # resumed at the last step: the run was complete but for its export
@@ -297,6 +315,17 @@ def _input_uris(config) -> dict[str, str]:
             )
         inputs["reward_model"] = rm
     return inputs
+
+
+def push_weights(generator, models, policy_optim, version: int) -> None:
+    """The policy's current weights to the generator (ZeRO-3: gathered from every rank's shards)."""
+    if isinstance(generator, HFGenerator) or policy_optim.zero_stage != 3:
+        generator.update_weights(models.policy, version=version)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(models.policy.parameters())):
+        generator.update_weights(models.policy, version=version)
 
 
 def _check_batch_layout(ppo: PPOConfig, separate_critic: bool, world: int) -> None:

@@ -67,16 +67,22 @@ def build_models(config, dirs: dict[str, str]) -> Models:
     return Models(policy_engine, critic_engine, critic_engine, reference, rm, shared=False)
 
 
-def export_models(models: Models, tokenizer, staging: Path, layout) -> None:
-    """final/policy (HF causal LM) and, with a critic, final/value (classifier, or policy + value head)."""
+def save_hf_models(models: Models, tokenizer, folder: Path) -> list[str]:
+    """`folder/policy` (HF causal LM) and, with a critic, `folder/value` (classifier, or policy +
+    value head), safetensors and tokenizer in each. Returns the names written."""
     exports = {"policy": models.policy}
     if models.critic is not None:
         exports["value"] = models.critic.module
     for name, module in exports.items():
-        export_dir = staging / f"export-{name}"
         if isinstance(module, PolicyWithValueHead):
-            module.save_pretrained(export_dir)
+            module.save_pretrained(folder / name)
         else:
-            module.save_pretrained(export_dir, safe_serialization=True)
-        tokenizer.save_pretrained(export_dir)
-        export_model_dir(export_dir, layout.final("ppo", name))
+            module.save_pretrained(folder / name, safe_serialization=True)
+        tokenizer.save_pretrained(folder / name)
+    return list(exports)
+
+
+def export_models(models: Models, tokenizer, staging: Path, layout) -> None:
+    """final/policy and, with a critic, final/value: HF exports in storage."""
+    for name in save_hf_models(models, tokenizer, staging / "export"):
+        export_model_dir(staging / "export" / name, layout.final("ppo", name))

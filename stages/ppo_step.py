@@ -27,6 +27,7 @@ from stages.algorithms import (
     value_loss,
 )
 from stages.diagnostics import scalar_metrics, value_diagnostics
+from stages.engine import step_engine
 from stages.forward import TokenBatch, build_token_batch, response_logprobs, response_values
 from stages.ppo_models import Models
 from stages.rollouts import ScoredSample, rollout_columns, training_batch
@@ -111,14 +112,17 @@ def update(
     rows = rollout.mask_BT.shape[0]
     shuffle = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     totals: dict[str, Tensor] = {}
+    norms: dict[str, list[float]] = {}  # global already (the same on every rank): not reduced again
     for _ in range(ppo.epochs):
         order = torch.randperm(rows, generator=shuffle)
         for part in order.chunk(ppo.minibatches):
-            for name, value in _minibatch_step(models, rollout, part, ppo, temperature, train_policy).items():
+            stats = _minibatch_step(models, rollout, part, ppo, temperature, train_policy, norms)
+            for name, value in stats.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().double()
     names = sorted(totals)
     if not names:  # grpo during policy warmup: nothing trains
         return {}
+    mean_norms = {name: sum(values) / len(values) for name, values in norms.items() if values}
     summed = dict(
         zip(names, distributed.all_reduce(torch.stack([totals[n] for n in names])).tolist(), strict=True)
     )
@@ -129,7 +133,7 @@ def update(
         if n.endswith("_loss")
         else v / max(tokens["value" if n.startswith("value") else "policy"], 1.0)
         for n, v in summed.items()
-    }
+    } | mean_norms
 
 
 def _global_counts(rollout: Rollout, part: Tensor, agg: str) -> tuple[Tensor, Tensor]:
@@ -145,9 +149,11 @@ def _global_counts(rollout: Rollout, part: Tensor, agg: str) -> tuple[Tensor, Te
 
 
 def _minibatch_step(
-    models: Models, rollout: Rollout, part: Tensor, ppo: PPOConfig, temperature, train_policy
+    models: Models, rollout: Rollout, part: Tensor, ppo: PPOConfig, temperature, train_policy, norms
 ) -> dict:
     """One optimizer step of the policy engine (+ the value loss in shared mode) and one of the critic engine.
+
+    Appends each update's gradient norm (before clipping) to `norms["grad_norm_policy"/"_critic"]`.
 
     Each micro-batch loss is normalised by the optimizer batch's global count and scaled by
     (accumulation steps x ranks), which DeepSpeed divides back out: the gradient is that of one big
@@ -172,7 +178,7 @@ def _minibatch_step(
                 loss = loss + ppo.value_loss_coef * value
                 _add(stats, value_stats)
             engine.backward(loss * optim.grad_accum_steps * world)
-            engine.step()
+            _record(norms, "grad_norm_policy", step_engine(engine))
     if models.critic_engine is not None:
         engine, optim = models.critic_engine, ppo.critic_optim
         for idx in part.split(optim.micro_batch_size):
@@ -181,9 +187,14 @@ def _minibatch_step(
             )
             value, value_stats = _value_terms(response_values(engine, mb), idx, rollout, ppo, counts[0])
             engine.backward(ppo.value_loss_coef * value * optim.grad_accum_steps * world)
-            engine.step()
+            _record(norms, "grad_norm_critic", step_engine(engine))
             _add(stats, value_stats)
     return stats
+
+
+def _record(norms: dict[str, list[float]], name: str, norm: float | None) -> None:
+    if norm is not None:
+        norms.setdefault(name, []).append(norm)
 
 
 def _add(totals: dict[str, Tensor], stats: dict[str, Tensor]) -> None:

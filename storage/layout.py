@@ -79,6 +79,10 @@ class RunLayout:
     def checkpoint(self, stage: str, step: int) -> Location:
         return self.checkpoints(stage) / step_dir_name(step)
 
+    def checkpoint_model(self, stage: str, step: int, model: str) -> Location:
+        """HF-format export of `model` committed with a checkpoint (PPO's `hf_checkpoints`)."""
+        return self.checkpoint(stage, step) / "hf" / model
+
     def final(self, stage: str, model: str) -> Location:
         """HF-format export of a trained model: `model` is policy, value or reward_model."""
         return self.stage(stage) / "final" / model

@@ -265,3 +265,34 @@ def test_save_training_state_needs_json_state(tmp_path):
     with pytest.raises(TypeError):
         save_training_state({}, {"cursor": object()}, Location(str(tmp_path / "ck")), 1, None, tmp_path / "s")
     assert not (tmp_path / "ck").exists()
+
+
+class _EngineStandIn:
+    """The part of a DeepSpeed engine `step_engine` reads (the real engine runs in the PPO stage tests)."""
+
+    def __init__(self, grads, boundary=True, optimizer_norm=None):
+        self.module = torch.nn.Linear(2, 1, bias=False)
+        self.module.weight.grad = torch.tensor([grads], dtype=torch.float32)
+        self.optimizer = (
+            type("Opt", (), {"_global_grad_norm": optimizer_norm})() if optimizer_norm else object()
+        )
+        self.boundary, self.steps = boundary, 0
+
+    def is_gradient_accumulation_boundary(self):
+        return self.boundary
+
+    def step(self):
+        self.steps += 1
+
+    def get_global_grad_norm(self):
+        return getattr(self.optimizer, "_global_grad_norm", None)
+
+
+def test_step_engine_reports_the_gradient_norm_of_an_update():
+    from stages.engine import step_engine
+
+    plain = _EngineStandIn([3.0, 4.0])
+    assert step_engine(plain) == pytest.approx(5.0, rel=1e-7) and plain.steps == 1  # fp32 ZeRO-0: from grads
+    assert step_engine(_EngineStandIn([3.0, 4.0], boundary=False)) is None  # accumulating: no update yet
+    zero = _EngineStandIn([3.0, 4.0], optimizer_norm=7.5)  # ZeRO/bf16 optimizers report their own
+    assert step_engine(zero) == 7.5

@@ -8,6 +8,7 @@ warmup: the critic starts from the policy with a zero head.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -125,12 +126,19 @@ def test_completes_with_manifest_and_loadable_changed_policy_and_critic(base):
     backbone = [k for k in critic if k != "score.weight"]
     assert backbone and all(not torch.equal(initial[k], critic[k]) for k in backbone)
     assert committed_steps(base.checkpoints(STAGE)) == [2, 4]
+    # each checkpoint carries HF exports (for evaluation while training runs); the last equals final/
+    for step in (2, 4):
+        assert AutoModelForCausalLM.from_pretrained(base.checkpoint_model(STAGE, step, "policy").path)
+    last = load_file(os.path.join(base.checkpoint_model(STAGE, 4, "policy").path, "model.safetensors"))
+    assert all(torch.equal(last[k], policy[k]) for k in policy)
 
 
 def test_metrics_are_finite_and_logprobs_match_the_sampler(base):
-    for name in ("policy_loss", "value_loss", "entropy", "kl", "approx_kl", "clipfrac", "reward"):
+    for name in ("policy_loss", "value_loss", "entropy", "kl", "approx_kl", "clipfrac", "reward",
+                 "grad_norm_policy", "grad_norm_critic"):  # fmt: skip
         values = metric(base, f"ppo/{name}")
         assert len(values) == STEPS and all(math.isfinite(v) for v in values), name
+    assert all(v > 0 for v in metric(base, "ppo/grad_norm_policy") + metric(base, "ppo/grad_norm_critic"))
     assert all(v > 0 for v in metric(base, "ppo/value_loss"))
     assert all(v < 1e-4 for v in metric(base, "ppo/logprob_gen_diff"))  # old logprobs == the sampler's
     kl = metric(base, "ppo/kl")  # k3 of the updating policy vs. the reference, during the updates
@@ -245,6 +253,7 @@ def test_policy_warmup_steps_train_only_the_critic(base, tmp_path):
     assert all(torch.equal(initial[k], policy[k]) for k in initial)
     assert torch.count_nonzero(critic["score.weight"]) > 0
     assert metric(layout, "ppo/policy_loss") == [] and len(metric(layout, "ppo/value_loss")) == 2
+    assert metric(layout, "ppo/grad_norm_policy") == [] and len(metric(layout, "ppo/grad_norm_critic")) == 2
 
 
 def test_batch_layout_mismatch_fails_with_one_line(tmp_path):
@@ -358,7 +367,12 @@ def test_value_diagnostics_from_stored_rollouts_match_the_logged_ones(base):
 
 def test_evaluate_stage_reports_initial_vs_final_with_ppo_curves_and_value_diagnostics(base):
     # arith = the task's held-out split, 4 samples: the same sampling as PPO's in-loop evaluation
-    evaluate = ["evaluate.benchmarks=[arith]", "evaluate.limit=null", "evaluate.limits={}", "evaluate.samples=4"]
+    evaluate = [
+        "evaluate.benchmarks=[arith]",
+        "evaluate.limit=null",
+        "evaluate.limits={}",
+        "evaluate.samples=4",
+    ]
     stage("evaluate", "base", base.root.uri, [*PPO, *evaluate])
     manifest = read_manifest(base.manifest("evaluate"))
     assert manifest.inputs["initial"].uri == str(base.final("sft", "policy"))
@@ -375,3 +389,20 @@ def test_evaluate_stage_reports_initial_vs_final_with_ppo_curves_and_value_diagn
         arith = report["checkpoints"][label]["benchmarks"]["arith"]
         assert arith["greedy"] == pytest.approx(ppo_metrics[f"{prefix}heldout_greedy"], abs=1e-9)
         assert arith["pass@1"] == pytest.approx(ppo_metrics[f"{prefix}heldout_sampled"], abs=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="vLLM needs a CUDA device and the vllm package",
+)
+def test_ppo_with_the_vllm_backend_trains_and_its_logprobs_match(base, tmp_path):
+    root = tmp_path / "runs"
+    vllm = ["generation.backend=vllm", "generation.gpu_memory_utilization=0.2", "generation.dtype=float32",
+            "generation.colocate=true", "ppo.steps=2", "ppo.save_every=2"]  # fmt: skip
+    stage(STAGE, "vllm", root, from_sft(base, vllm))
+    layout = RunLayout(Location(str(root)), "vllm")
+    assert all(v < 1e-2 for v in metric(layout, "ppo/logprob_gen_diff"))  # vLLM's logprobs == the trainer's
+    initial = load_file(os.path.join(base.final("sft", "policy").path, "model.safetensors"))
+    policy = weights(layout, "policy")
+    assert any(not torch.equal(initial[k], policy[k]) for k in initial)

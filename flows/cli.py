@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -61,29 +62,83 @@ def run(
     ] = None,
     storage: StorageOpt = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks for the training stages.")] = 1,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages", help=f"Comma-separated subset of {', '.join(STAGE_NAMES)} (pipeline order)."
+        ),
+    ] = None,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, help="Reruns of a crashed stage (each resumes).")
+    ] = 1,
 ) -> None:
-    """Run the pipeline: create (or reopen) the run and run its enabled stages in order.
+    """Run the pipeline as a Prefect flow: create (or reopen) the run and run its stages in order.
 
-    Completed stages (same config and inputs) are skipped; an interrupted one resumes.
+    Completed stages (same config and inputs) are skipped; an interrupted one resumes. Prefect
+    runs embedded unless PREFECT_API_URL names a server (then the run shows in its UI).
     """
-    from flows.launcher import run_stage_process
-    from stages.runs import open_run, pipeline_stages, resolve_config
+    from flows.params import PipelineParams
 
-    config, existed = resolve_config(recipe, set_, run_id=run_id, storage=storage)
-    layout = open_run(config)
-    typer.echo(f"{'reopened' if existed else 'created'} run {config.run_id} at {layout.run}")
-    typer.echo(f"config hash {config_hash(config)[:16]}; record {layout.pipeline_config}")
-    for stage_name in pipeline_stages(config):
-        typer.echo(f"== {stage_name}")
-        # Evaluation is one process (vLLM's tensor parallelism spreads a big model, not ranks).
-        ranks = 1 if stage_name == "evaluate" else nproc
-        run_stage_process(stage_name, config, nproc=ranks, log_line=typer.echo)
-    for stage_name in STAGE_NAMES:
-        typer.echo(f"  {stage_name:<14} {stage_status(layout, stage_name)}")
-    typer.echo(f"run {config.run_id}: {layout.run}")
-    evaluation = read_manifest(layout.manifest("evaluate"))
-    if evaluation and "report" in evaluation.outputs:
-        typer.echo(f"report: {evaluation.outputs['report']}")
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages is not None else None
+    unknown = [s for s in chosen or [] if s not in STAGE_NAMES]
+    if unknown or chosen == []:
+        raise ConfigError(
+            f"unknown stage {', '.join(unknown) or repr(stages)} (known: {', '.join(STAGE_NAMES)})"
+        )
+    params = PipelineParams(
+        run_id=run_id, recipe=recipe or "tiny", overrides=set_ or [], storage=storage, nproc=nproc,
+        stages=chosen, retries=retries,
+    )  # fmt: skip
+    config, existed = params.resolve()  # bad input fails here, in one line, before Prefect starts
+    typer.echo(
+        f"{'reopening' if existed else 'creating'} run {config.run_id} (config hash {config_hash(config)[:16]})"
+    )
+    from flows.deployments import ensure_gpu_limit
+    from flows.pipeline import rlhf_pipeline
+
+    ensure_gpu_limit(None)  # stages hold a slot of `gpu` while they run (1 slot unless configured)
+    result = rlhf_pipeline(params.model_copy(update={"run_id": config.run_id}))
+    for stage_name, status in result["stages"].items():
+        typer.echo(f"  {stage_name:<14} {status}")
+    typer.echo(f"run {config.run_id}: {result['run']}")
+    if result["report"]:
+        typer.echo(f"report: {result['report']}")
+
+
+@app.command()
+def serve(
+    gpu_slots: Annotated[
+        int, typer.Option("--gpu-slots", min=1, help="GPU stages allowed at once (concurrency limit `gpu`).")
+    ] = 1,
+    eval_cron: Annotated[
+        str, typer.Option("--eval-cron", help="Schedule of the newest-checkpoint evaluation (cron).")
+    ] = "0 3 * * *",
+) -> None:
+    """Serve the pipeline, per-stage and scheduled-evaluation deployments from this process (no work pool)."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments(gpu_slots, eval_cron)
+
+
+@app.command()
+def deploy(
+    work_pool: Annotated[str, typer.Option("--work-pool", help="Work pool whose workers run the flows.")],
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Image for Docker/Kubernetes pools (built from infra/Dockerfile)."),
+    ] = None,
+    gpu_slots: Annotated[
+        int, typer.Option("--gpu-slots", min=1, help="GPU stages allowed at once (concurrency limit `gpu`).")
+    ] = 1,
+    eval_cron: Annotated[
+        str, typer.Option("--eval-cron", help="Schedule of the newest-checkpoint evaluation (cron).")
+    ] = "0 3 * * *",
+) -> None:
+    """Register the deployments with a work pool on the Prefect server (PREFECT_API_URL)."""
+    from flows.deployments import deploy_to_work_pool
+
+    ids = deploy_to_work_pool(work_pool, gpu_slots, image, eval_cron)
+    typer.echo(f"registered {len(ids)} deployments with work pool {work_pool}")
 
 
 @app.command()
@@ -298,6 +353,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The embedded Prefect server would phone home (and log a failure on machines without internet).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app(args=argv, standalone_mode=False)
     except _EXIT as done:

@@ -10,6 +10,8 @@ the caller: no orphaned rank keeps holding GPU memory.
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -17,15 +19,87 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from stages.lifecycle import USER_ERROR_EXIT
 from stages.pipeline_config import PipelineConfig
 from storage.secrets import redact_text
+
+# A tqdm bar line: "ppo:  12%|##        | 96/800 [00:10<01:30, ...]" (universal newlines turn its \r into lines).
+_PROGRESS = re.compile(r"^(?P<stage>[\w-]+):\s+\d+%\|.*\|\s*(?P<done>\d+)/(?P<total>\d+)")
+# Any progress bar (tqdm, transformers' "Loading weights:  50%|#####     | 13/26 ...").
+_ANY_BAR = re.compile(r"\d+%\|")
+# Lines a non-zero rank prints with DeepSpeed's/torch's prefix: kept out of the orchestrator's log.
+_OTHER_RANK = re.compile(r"^\[rank(?!0\])\d+\]")
+
+
+def progress_of(line: str) -> tuple[str, int, int] | None:
+    """(stage, done, total) when `line` is a stage's progress-bar line."""
+    match = _PROGRESS.match(line)
+    if match is None:
+        return None
+    return match["stage"], int(match["done"]), int(match["total"])
+
+
+def is_error_line(line: str) -> bool:
+    return line.startswith("error:") or "Error" in line.split(":", 1)[0]
+
+
+class LineThrottle:
+    """Decides which output lines reach a log sink that must not be flooded (the Prefect API).
+
+    Progress-bar redraws pass at most once per `progress_every_s` (all bars together;
+    a bar's 100% line always passes); other lines at most
+    `burst` per `window_s` (the rest are counted and reported once lines flow again); error lines
+    always pass; blank lines and lines of ranks other than 0 are dropped.
+    """
+
+    def __init__(self, progress_every_s: float = 10.0, burst: int = 200, window_s: float = 10.0):
+        self.progress_every_s, self.burst, self.window_s = progress_every_s, burst, window_s
+        self._last_progress = -float("inf")
+        self._window_start = -float("inf")
+        self._in_window = 0
+        self.suppressed = 0
+
+    def admit(self, line: str, now: float) -> list[str]:
+        """The lines to log now for this output line (none, the line, or a note and the line)."""
+        if is_error_line(line):
+            return self._with_note(line)
+        if not line.strip() or _OTHER_RANK.match(line):
+            return []
+        if _ANY_BAR.search(line):
+            if now - self._last_progress < self.progress_every_s and "100%|" not in line:
+                return []
+            self._last_progress = now
+            return self._with_note(line)
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._in_window = now, 0
+        self._in_window += 1
+        if self._in_window > self.burst:
+            self.suppressed += 1
+            return []
+        return self._with_note(line)
+
+    def _with_note(self, line: str) -> list[str]:
+        if not self.suppressed:
+            return [line]
+        note = f"({self.suppressed} lines not logged here: rate limit)"
+        self.suppressed = 0
+        return [note, line]
 
 
 class StageFailed(RuntimeError):
     """The stage process exited non-zero (message: its last error line)."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+    @property
+    def retriable(self) -> bool:
+        """A crash or a kill may pass on a rerun (which resumes); bad input will not."""
+        return self.returncode != USER_ERROR_EXIT
 
 
 def _free_port() -> int:
@@ -115,6 +189,60 @@ def _raise_terminated(signum, _frame):
     raise StageTerminated(signum)
 
 
+def eval_command(config: PipelineConfig, checkpoint: str, label: str) -> tuple[list[str], dict[str, str]]:
+    """`rlpipe eval` of one checkpoint into the run, with `config`'s evaluation settings.
+
+    The run exists, so its stored config is the base: the evaluate section is passed whole, as an
+    override, and the storage location as options.
+    """
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    evaluate = config.evaluate.model_dump_json()
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "eval",
+        "--run-id",
+        config.run_id,
+        "--checkpoint",
+        checkpoint,
+    ]
+    command += [
+        "--label",
+        label,
+        "--benchmark",
+        ",".join(config.evaluate.benchmarks),
+        "--set",
+        f"evaluate={evaluate}",
+    ]
+    if config.storage.root:
+        command += ["--storage", config.storage.root]
+    if config.storage.endpoint_url:
+        command += ["--set", f"storage.endpoint_url={config.storage.endpoint_url}"]
+    return command, env
+
+
+def _output_lines(proc: subprocess.Popen, deadline: float | None) -> Iterator[str]:
+    """The child's output lines until it closes its output or `deadline` (monotonic) passes."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True, name="stage-output").start()
+    while deadline is None or time.monotonic() <= deadline:
+        try:
+            raw = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if raw is None:
+            return
+        yield raw
+
+
 def run_stage_process(
     stage: str,
     config: PipelineConfig,
@@ -124,17 +252,23 @@ def run_stage_process(
     log_line: Callable[[str], None] = print,
     timeout_s: float | None = None,
     cwd: str | None = None,
+    checkpoint: tuple[str, str] | None = None,
 ) -> None:
     """Run one stage to completion; raise StageFailed (its last error line) if it fails.
 
-    Lines are redacted before they reach `log_line`, so a secret printed by a library never lands
-    in the orchestrator's logs.
+    `checkpoint=(uri, label)` runs `rlpipe eval` of that one checkpoint instead of the evaluate
+    stage. Lines are redacted before they reach `log_line`, so a secret printed by a library never
+    lands in the orchestrator's logs. The temporary folder is named after the run, so the run's
+    processes can be found (`ps`) while it runs.
     """
-    with tempfile.TemporaryDirectory(prefix=f"rlpipe-{stage}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"rlpipe-{config.run_id}-{stage}-") as tmp:
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, "w") as f:
             f.write(config.model_dump_json(indent=2))
-        command, extra_env = stage_command(stage, config_path, nproc, force)
+        if checkpoint is None:
+            command, extra_env = stage_command(stage, config_path, nproc, force)
+        else:
+            command, extra_env = eval_command(config, *checkpoint)
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -153,16 +287,16 @@ def run_stage_process(
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 previous[sig] = signal.signal(sig, _raise_terminated)
         last_error = ""
-        started = time.time()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
+            # Lines arrive through a queue, so the timeout holds for a stage that prints nothing.
+            for raw in _output_lines(proc, deadline):
                 line = redact_text(raw.rstrip("\n"))
-                if line.startswith("error:") or "Error" in line.split(":", 1)[0]:
+                if is_error_line(line):
                     last_error = line
                 log_line(line)
-                if timeout_s is not None and time.time() - started > timeout_s:
-                    raise TimeoutError(f"stage {stage} exceeded its timeout of {timeout_s:.0f} s")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"stage {stage} exceeded its timeout of {timeout_s:.0f} s")
             code = proc.wait()
         finally:
             if proc.poll() is None or _group_alive(proc.pid):
@@ -171,4 +305,4 @@ def run_stage_process(
                 signal.signal(sig, handler)
         if code != 0:
             reason = last_error.removeprefix("error: ") or f"exit code {code}"
-            raise StageFailed(f"stage {stage} failed: {reason}")
+            raise StageFailed(f"stage {stage} failed: {reason}", code)

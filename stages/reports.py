@@ -107,7 +107,7 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _table(report: dict) -> tuple[list[str], list[list[str]]]:
+def report_table(report: dict) -> tuple[list[str], list[list[str]]]:
     header = [
         "benchmark",
         "checkpoint",
@@ -145,7 +145,7 @@ def _changes(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict, plot_names: list[str]) -> str:
-    header, rows = _table(report)
+    header, rows = report_table(report)
     settings = report["config"]["evaluation"]
     out = [
         f"# Evaluation of run {report['run_id']}",
@@ -180,7 +180,7 @@ window.addEventListener("load", function () {
 
 def render_html(report: dict, plots: dict[str, bytes]) -> str:
     """A self-contained page: the table, the changes, and the plots embedded as data URIs."""
-    header, rows = _table(report)
+    header, rows = report_table(report)
     esc = html.escape
     settings = report["config"]["evaluation"]
     parts = [

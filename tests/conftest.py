@@ -136,3 +136,14 @@ def data_dir(monkeypatch):
         pytest.fail("evaluation data not found: put ../shared/data beside the repo or set RLPIPE_DATA_DIR")
     monkeypatch.setenv("RLPIPE_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect server for the session (`prefect_test_harness`: temporary database); its API URL."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

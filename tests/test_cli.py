@@ -33,7 +33,7 @@ def test_run_creates_a_run_and_runs_lists_it(storage_root, capsys):
     code, out, _ = run_cli(
         capsys, "run", "--storage", uri, "--run-id", "exp1", "--set", "seed=4", *env_endpoint, *NO_STAGES
     )
-    assert code == 0 and "created run exp1" in out
+    assert code == 0 and "creating run exp1" in out and "run exp1: " in out
     code, out, _ = run_cli(
         capsys, "runs", "--storage", uri, *(["--endpoint-url", endpoint] if endpoint else [])
     )
@@ -63,6 +63,8 @@ def test_config_prints_resolved_config_and_hash(capsys):
         (["run", "--recipe", "/does/not/exist.yaml"], "error: recipe file not found", 1),
         (["show", "no-such-run"], "error: unknown run 'no-such-run'", 1),
         (["run", "--run-id", "../escape"], "error: invalid run id", 1),
+        (["run", "--stages", "ppo,bogus"], "error: unknown stage bogus", 1),
+        (["deploy", "--work-pool", "p", "--gpu-slots", "0"], "error: Invalid value for '--gpu-slots'", 2),
         (["frobnicate"], "error: No such command 'frobnicate'", 2),
         (["run", "--bogus-flag"], "error: No such option: --bogus-flag", 2),
         (["bench", "gae", "--batch", "0"], "error: Invalid value for '--batch'", 2),

@@ -1,0 +1,123 @@
+"""Flow parameters: pydantic models whose field descriptions the Prefect UI renders as forms.
+
+Prefect validates a run's parameters against these models before the flow starts (a wrong type
+or `nproc: 0` never reaches a GPU); the flow then resolves the run's config (recipe + overrides,
+validated by `PipelineConfig`) before it launches anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages.evaluate import Benchmark
+from stages.pipeline_config import DEFAULT_RECIPE
+from stages.runs import resolve_config
+from storage.layout import STAGE_NAMES
+
+RECIPES = DEFAULT_RECIPE.parent
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
+
+
+class RunParams(BaseModel):
+    """Which run, made from which recipe, stored where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str | None = Field(
+        None,
+        description="Run id. An existing run is reopened with its stored config; "
+        "empty: a new run named <recipe>-<UTC timestamp>.",
+    )
+    recipe: str = Field(
+        "tiny",
+        description="A recipe of the project's configs/ by name (`tiny`: the offline tiny recipe), "
+        "or the path of a recipe YAML on the machine that runs the flow.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="Config overrides, one `key.path=value` each (as `rlpipe --set`), e.g. `ppo.steps=200`.",
+    )
+    storage: str | None = Field(
+        None,
+        description="Storage root URI (local folder or s3://bucket/prefix). Default: $RLPIPE_STORAGE, else ./runs.",
+    )
+    nproc: int = Field(1, ge=1, description="Ranks for the training stages (GPUs, or CPU processes).")
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Kill a stage (its whole process group) that runs longer than this."
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        description="Reruns of a stage that crashed or was killed (each resumes from its last "
+        "committed checkpoint). Bad input is never retried.",
+    )
+
+    def resolve(self):
+        """The validated run config and whether the run exists (ConfigError, one line, when invalid)."""
+        return resolve_config(
+            recipe_path(self.recipe), self.overrides, run_id=self.run_id, storage=self.storage
+        )
+
+
+def recipe_path(recipe: str) -> Path:
+    """`tiny` -> configs/tiny.yaml of this installation; anything with a suffix or a slash is a path."""
+    if "/" in recipe or Path(recipe).suffix:
+        return Path(recipe)
+    return RECIPES / f"{recipe}.yaml"
+
+
+class PipelineParams(RunParams):
+    """A pipeline run: the configured stages in order, or a subset."""
+
+    stages: list[StageName] | None = Field(
+        None,
+        description="Stages to run, in pipeline order (default: every stage the recipe enables: "
+        "[sft] -> reward_model -> critic_warmup -> ppo -> evaluate).",
+    )
+
+
+class StageParams(RunParams):
+    """One stage of a run: rerun, resume, or recompute it alone."""
+
+    force: bool = Field(False, description="Recompute even if the stage is complete for this config.")
+
+
+class CheckpointEvalParams(BaseModel):
+    """Evaluate a run's newest PPO checkpoint (the scheduled, e.g. nightly, evaluation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str | None = Field(
+        None,
+        description="Run whose newest PPO checkpoint is evaluated (default: the newest run that has one).",
+    )
+    storage: str | None = Field(None, description="Storage root URI (default: $RLPIPE_STORAGE, else ./runs).")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint of the storage (default: $AWS_ENDPOINT_URL)."
+    )
+    benchmarks: list[Benchmark] | None = Field(
+        None, description="Benchmarks (default: the run's evaluate.benchmarks)."
+    )
+    samples: int | None = Field(None, ge=1, description="Sampled responses per problem (default: the run's).")
+    limit: int | None = Field(
+        None, ge=1, description="First N problems of each benchmark (default: the run's)."
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="More config overrides (`key.path=value`) for the evaluation."
+    )
+    timeout_minutes: float | None = Field(None, gt=0, description="Kill the evaluation after this long.")
+
+    def eval_overrides(self) -> list[str]:
+        overrides = list(self.overrides)
+        if self.endpoint_url:
+            overrides.append(f"storage.endpoint_url={self.endpoint_url}")
+        if self.benchmarks:
+            overrides.append(f"evaluate.benchmarks=[{','.join(self.benchmarks)}]")
+        if self.samples is not None:
+            overrides.append(f"evaluate.samples={self.samples}")
+        if self.limit is not None:
+            overrides += [f"evaluate.limit={self.limit}", "evaluate.limits={}"]
+        return overrides

@@ -64,7 +64,9 @@ def test_deepspeed_configs_parse_with_the_zero_stage_in_their_name():
 
 
 def test_no_credentials_in_infra_files():
-    secret_like = re.compile(r"(AKIA[0-9A-Z]{16}|(PASSWORD|SECRET|KEY|TOKEN)\w*\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,})")
+    secret_like = re.compile(
+        r"(AKIA[0-9A-Z]{16}|(PASSWORD|SECRET|KEY|TOKEN)\w*\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,})"
+    )
     for path in INFRA.rglob("*"):
         if path.is_file():
             text = path.read_text()

@@ -66,7 +66,10 @@ def test_line_throttle_rate_limits_bars_and_floods_but_never_errors():
     assert throttle.admit("", now=11.0) == [] and throttle.admit("[rank1]: hello", now=11.0) == []
     assert throttle.admit("[rank0]: hello", now=11.0) == ["[rank0]: hello"]
     assert [throttle.admit(f"line {i}", now=12.0) for i in range(4)] == [["line 0"], ["line 1"], [], []]
-    assert throttle.admit("error: bad input", now=12.5) == ["(2 lines not logged here: rate limit)", "error: bad input"]
+    assert throttle.admit("error: bad input", now=12.5) == [
+        "(2 lines not logged here: rate limit)",
+        "error: bad input",
+    ]
     assert throttle.admit("line 4", now=12.6) == []  # still over the burst in this window
     assert throttle.admit("line 5", now=22.0) == ["(1 lines not logged here: rate limit)", "line 5"]
 

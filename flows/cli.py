@@ -34,6 +34,12 @@ SetOpt = Annotated[
 StorageOpt = Annotated[
     str | None, typer.Option("--storage", help="Storage root URI (default: $RLPIPE_STORAGE, else ./runs).")
 ]
+GpuSlotsOpt = Annotated[
+    int, typer.Option("--gpu-slots", min=1, help="GPU stages allowed at once (concurrency limit `gpu`).")
+]
+EvalCronOpt = Annotated[
+    str, typer.Option("--eval-cron", help="Schedule of the newest-checkpoint evaluation (cron).")
+]
 EndpointOpt = Annotated[
     str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL).")
 ]
@@ -107,12 +113,8 @@ def run(
 
 @app.command()
 def serve(
-    gpu_slots: Annotated[
-        int, typer.Option("--gpu-slots", min=1, help="GPU stages allowed at once (concurrency limit `gpu`).")
-    ] = 1,
-    eval_cron: Annotated[
-        str, typer.Option("--eval-cron", help="Schedule of the newest-checkpoint evaluation (cron).")
-    ] = "0 3 * * *",
+    gpu_slots: GpuSlotsOpt = 1,
+    eval_cron: EvalCronOpt = "0 3 * * *",
 ) -> None:
     """Serve the pipeline, per-stage and scheduled-evaluation deployments from this process (no work pool)."""
     from flows.deployments import serve_deployments
@@ -127,12 +129,8 @@ def deploy(
         str | None,
         typer.Option("--image", help="Image for Docker/Kubernetes pools (built from infra/Dockerfile)."),
     ] = None,
-    gpu_slots: Annotated[
-        int, typer.Option("--gpu-slots", min=1, help="GPU stages allowed at once (concurrency limit `gpu`).")
-    ] = 1,
-    eval_cron: Annotated[
-        str, typer.Option("--eval-cron", help="Schedule of the newest-checkpoint evaluation (cron).")
-    ] = "0 3 * * *",
+    gpu_slots: GpuSlotsOpt = 1,
+    eval_cron: EvalCronOpt = "0 3 * * *",
 ) -> None:
     """Register the deployments with a work pool on the Prefect server (PREFECT_API_URL)."""
     from flows.deployments import deploy_to_work_pool

@@ -27,7 +27,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_run_creates_a_run_and_runs_lists_it(storage_root, capsys):
+def test_run_creates_a_run_and_runs_lists_it(storage_root, capsys, prefect_api):
     uri, endpoint = storage_root.uri, storage_root.endpoint_url
     env_endpoint = ["--set", f"storage.endpoint_url={endpoint}"] if endpoint else []
     code, out, _ = run_cli(

@@ -174,7 +174,7 @@ def test_module_entry_point_requires_a_run_id(tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1 and "has no run_id" in proc.stderr
+    assert proc.returncode == 3 and "has no run_id" in proc.stderr  # USER_ERROR_EXIT: bad input, not retried
 
 
 def test_two_ranks_commit_every_ranks_state_and_resume_exactly(tmp_path):

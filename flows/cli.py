@@ -322,6 +322,59 @@ def bench_gae_command(
     typer.echo(f"  max rel. error     {result['max_rel_error']:9.2e}")
 
 
+@bench_app.command("ppo-update")
+def bench_ppo_update_command(
+    model: Annotated[
+        str, typer.Option(help="HF model directory, or `tiny` (the 3.4M-parameter bench model).")
+    ] = "tiny",
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts per update.")] = 16,
+    samples_per_prompt: Annotated[int, typer.Option(min=1, help="Responses per prompt.")] = 1,
+    response_length: Annotated[int, typer.Option(min=1, help="Response tokens at most (EOS ends one).")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="PPO epochs per update.")] = 4,
+    minibatches: Annotated[int, typer.Option(min=1, help="Optimizer steps per epoch.")] = 2,
+    updates: Annotated[
+        int, typer.Option(min=1, help="Timed updates (after one untimed warm-up update).")
+    ] = 3,
+    kl_coef: Annotated[
+        float, typer.Option(min=0.0, help="KL to the reference (0: no reference pass).")
+    ] = 0.05,
+    baseline: Annotated[bool, typer.Option(help="Also run TRL's PPOTrainer on the same workload.")] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="End with one JSON object on the last line.")
+    ] = False,
+) -> None:
+    """Full PPO updates through the ppo stage's own step, and the same workload through TRL's PPOTrainer."""
+    from stages.bench_ppo import PPOBench, bench_config, bench_ppo_update
+
+    bench = PPOBench(model=model, prompts=prompts, samples_per_prompt=samples_per_prompt,
+                     response_length=response_length, epochs=epochs, minibatches=minibatches,
+                     updates=updates, kl_coef=kl_coef)  # fmt: skip
+    try:
+        bench_config(bench)  # a workload that does not fit fails here, in one line
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    result = bench_ppo_update(bench, baseline=baseline)
+    typer.echo(f"PPO update  {bench.prompts}x{bench.samples_per_prompt} rows, <= {bench.response_length} tokens, "
+               f"{bench.epochs} epochs x {bench.minibatches} minibatches, kl {bench.kl_coef}, {result['device']}, "
+               f"{result['threads']} threads")  # fmt: skip
+    typer.echo(
+        f"  rlpipe  {result['sec_per_update']:8.3f} s/update  {result['resp_tokens_per_s']:9.1f} resp tok/s"
+    )
+    for phase, seconds in result["phases_s_per_update"].items():
+        typer.echo(f"    {phase:<13} {seconds:8.3f} s  ({seconds / result['sec_per_update']:5.1%})")
+    typer.echo(f"  train phase {result['train_flop_per_s'] / 1e9:.2f} GFLOP/s = "
+               f"{result['train_flop_fraction_of_peak']:.1%} of measured matmul peak "
+               f"({result['matmul_peak_flop_per_s'] / 1e9:.1f} GFLOP/s)")  # fmt: skip
+    if "trl" in result:
+        trl = result["trl"]
+        typer.echo(
+            f"  TRL     {trl['sec_per_update']:8.3f} s/update  {trl['resp_tokens_per_s']:9.1f} resp tok/s"
+        )
+        typer.echo(f"  speedup {result['speedup_vs_trl']:.2f}x (response tokens per second)")
+    if as_json:
+        typer.echo(json.dumps(result))
+
+
 # typer >= 0.20 vendors its own click; older ones raise click's classes. Catch both.
 _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)

@@ -40,7 +40,7 @@ from stages.algorithms import Aggregation, KLEstimator
 from stages.artifacts import resolve_model_dir
 from stages.config import Section, non_semantic
 from stages.engine import OptimConfig, load_training_state, save_training_state
-from stages.generation import HFGenerator, make_generator, sampling_seed
+from stages.generation import make_generator
 from stages.inputs import critic_uri, policy_uri, reward_model_uri
 from stages.lifecycle import (
     StageError,
@@ -54,8 +54,7 @@ from stages.lifecycle import (
     staging_dir,
 )
 from stages.ppo_models import build_models, export_models, save_hf_models
-from stages.ppo_step import compute_advantages, old_quantities, rollout_table, step_metrics, update
-from stages.rollouts import score_samples
+from stages.ppo_step import push_weights, rollout_table, run_step, step_metrics
 from stages.tasks import batch_indices, encode_problems, shard, task_problems
 from stages.tracking import MetricsTracker
 from storage.rollouts import delete_rollouts_after, write_rollouts
@@ -195,7 +194,6 @@ def run(config, force: bool = False) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(config.seed)
     models = build_models(config, dirs)
-    temperature = config.generation.temperature or 1.0  # greedy rollouts: logprobs at temperature 1
     # hf samples from the live policy module; vllm starts from the policy's files, then gets every
     # update pushed (`push_weights`), and sleeps through the updates when colocated.
     generator = make_generator(
@@ -234,26 +232,14 @@ def run(config, force: bool = False) -> None:
     accuracy: dict[str, float] = {}
     for step in range(start, ppo.steps):
         done = step + 1
-        # step 1. prompts (group id = the prompt's index) and samples from the live policy
+        # step 1. prompts (group id = the prompt's index); steps 1-7: `run_step`
         picked = shard(batch_indices(len(train), ppo.prompts_per_step, step, config.seed), rank, world)
         prompts = [train[i] for i in picked for _ in range(ppo.samples_per_prompt)]
         group_ids_B = torch.tensor([i for i in picked for _ in range(ppo.samples_per_prompt)])
-        samples = generator.generate(
-            [p.prompt_ids for p in prompts], config.generation, sampling_seed(config.seed, done, rank)
-        )
-        generator.sleep()  # colocated vLLM frees its GPU memory for the updates
-        # step 2. score: verifier and/or reward model
-        scored = score_samples(samples, prompts, tokenizer, config.reward, rm=models.rm)
-        # step 3. old logprobs, reference logprobs, old values (no grad)
-        rollout = old_quantities(models, scored, pad_id, temperature, ppo)
-        # steps 4-5. per-token rewards (outcome + KL) -> advantages and returns
-        compute_advantages(rollout, group_ids_B, ppo)
-        # step 6. epochs x minibatches of policy and critic updates
         train_policy = done > ppo.policy_warmup_steps
-        stats = update(models, rollout, ppo, temperature, train_policy, (config.seed, done))
-        # step 7. new weights to the generator; metrics; rollouts; checkpoint
-        generator.wake()
-        push_weights(generator, models, ppo.policy_optim, version=done)
+        outcome = run_step(models, generator, prompts, group_ids_B, config, tokenizer, step=done, rank=rank,
+                           train_policy=train_policy)  # fmt: skip
+        rollout, scored, stats = outcome.rollout, outcome.scored, outcome.stats
         if done % ppo.log_every == 0 or done == ppo.steps:
             tracker.log(done, step_metrics(rollout, scored, stats, models))
         if ppo.eval_every and done % ppo.eval_every == 0 or done == ppo.steps:
@@ -315,17 +301,6 @@ def _input_uris(config) -> dict[str, str]:
             )
         inputs["reward_model"] = rm
     return inputs
-
-
-def push_weights(generator, models, policy_optim, version: int) -> None:
-    """The policy's current weights to the generator (ZeRO-3: gathered from every rank's shards)."""
-    if isinstance(generator, HFGenerator) or policy_optim.zero_stage != 3:
-        generator.update_weights(models.policy, version=version)
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(models.policy.parameters())):
-        generator.update_weights(models.policy, version=version)
 
 
 def _check_batch_layout(ppo: PPOConfig, separate_critic: bool, world: int) -> None:

@@ -1,11 +1,17 @@
-"""One PPO step's tensor work, steps 3-7 of `stages.ppo`: old quantities, rewards and advantages,
-the epochs x minibatches updates, the step's metrics and its rollout rows.
+"""One PPO step, steps 1-7 of `stages.ppo` after the prompts are picked (`run_step`, the same
+code the stage and `rlpipe bench ppo-update` run), and its tensor work: old quantities, rewards
+and advantages, the epochs x minibatches updates, the step's metrics and its rollout rows.
 
 Shape suffixes: B rollouts (rows of this rank), T response tokens (right-padded).
 """
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,14 +35,91 @@ from stages.algorithms import (
 from stages.diagnostics import scalar_metrics, value_diagnostics
 from stages.engine import step_engine
 from stages.forward import TokenBatch, build_token_batch, response_logprobs, response_values
+from stages.generation import HFGenerator, sampling_seed
 from stages.ppo_models import Models
-from stages.rollouts import ScoredSample, rollout_columns, training_batch
+from stages.rollouts import ScoredSample, rollout_columns, score_samples, training_batch
 
 if TYPE_CHECKING:
     from stages.ppo import PPOConfig
 
 STAGE = "ppo"
 Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole step
+# ---------------------------------------------------------------------------------------------
+class StepTimer:
+    """Seconds spent per phase of PPO steps (the benchmark's breakdown). On a GPU each phase ends
+    with a synchronize, so kernels are charged to the phase that launched them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+
+@dataclass
+class StepOutcome:
+    rollout: Rollout
+    scored: list[ScoredSample]
+    stats: dict[str, float]
+
+
+def run_step(
+    models: Models,
+    generator,
+    prompts: list,
+    group_ids_B: Tensor,
+    config,
+    tokenizer,
+    *,
+    step: int,
+    rank: int,
+    train_policy: bool,
+    timer: StepTimer | None = None,
+) -> StepOutcome:
+    """Steps 1-7 for the given prompts (one entry per sample): sample, score, old quantities,
+    advantages, the updates, and the new weights pushed to the generator."""
+    ppo = config.ppo
+    timer = timer or StepTimer()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    temperature = config.generation.temperature or 1.0  # greedy rollouts: logprobs at temperature 1
+    with timer("generate"):
+        seed = sampling_seed(config.seed, step, rank)
+        samples = generator.generate([p.prompt_ids for p in prompts], config.generation, seed)
+        generator.sleep()  # colocated vLLM frees its GPU memory for the updates
+    with timer("score"):
+        scored = score_samples(samples, prompts, tokenizer, config.reward, rm=models.rm)
+    with timer("old_forward"):  # old logprobs and values; reference logprobs only with KL
+        rollout = old_quantities(models, scored, pad_id, temperature, ppo)
+    with timer("advantages"):
+        compute_advantages(rollout, group_ids_B, ppo)
+    with timer("train"):
+        stats = update(models, rollout, ppo, temperature, train_policy, (config.seed, step))
+    with timer("push_weights"):
+        generator.wake()
+        push_weights(generator, models, ppo.policy_optim, version=step)
+    return StepOutcome(rollout, scored, stats)
+
+
+def push_weights(generator, models: Models, policy_optim, version: int) -> None:
+    """The policy's current weights to the generator (ZeRO-3: gathered from every rank's shards)."""
+    if isinstance(generator, HFGenerator) or policy_optim.zero_stage != 3:
+        generator.update_weights(models.policy, version=version)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(models.policy.parameters())):
+        generator.update_weights(models.policy, version=version)
 
 
 # ---------------------------------------------------------------------------------------------

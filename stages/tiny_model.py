@@ -51,6 +51,12 @@ class TinyModelConfig(Section):
         le=65536,
         description="Target tokenizer vocabulary (256 bytes + 2 special tokens + merges).",
     )
+    embedding_rows: int | None = Field(
+        None,
+        ge=260,
+        description="Rows of the embedding and output layer: at least the tokenizer's vocabulary (extra rows "
+        "are ids it never produces, as in hub models padded to a round size). Default: the tokenizer's size.",
+    )
     hidden_size: int = Field(64, ge=8, description="Width of the transformer (must divide by num_heads).")
     num_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads (query).")
@@ -94,7 +100,7 @@ def build_tiny_model(config: TinyModelConfig, out_dir: str | Path) -> Path:
 
     # step 2. the model, sized by the config and by the tokenizer's real vocabulary
     model_config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), config.embedding_rows or 0),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,

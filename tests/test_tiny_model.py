@@ -174,3 +174,15 @@ def test_config_validation():
         TinyModelConfig(hidden=64)  # unknown key
     for name, field in TinyModelConfig.model_fields.items():
         assert field.description, name
+
+
+def test_embedding_rows_pad_the_vocabulary_beyond_the_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.tiny_model import build_tiny_model
+
+    config = TinyModelConfig(embedding_rows=1024)
+    build_tiny_model(config, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) < 1024 == model.config.vocab_size
+    assert model.get_input_embeddings().weight.shape == (1024, config.hidden_size)

@@ -1,0 +1,38 @@
+"""`rlpipe bench ppo-update` runs the ppo stage's step and TRL's PPOTrainer on one small workload
+and reports consistent figures (speed is printed, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RLPIPE = str(Path(sys.executable).parent / "rlpipe")
+
+
+def test_bench_ppo_update_reports_both_implementations_and_the_phases():
+    args = ["--prompts", "4", "--samples-per-prompt", "2", "--response-length", "8", "--epochs", "2",
+            "--minibatches", "2", "--updates", "2", "--json"]  # fmt: skip
+    proc = subprocess.run([RLPIPE, "bench", "ppo-update", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["settings"]["prompts"] == 4 and result["settings"]["samples_per_prompt"] == 2
+    assert 0 < result["resp_tokens_per_update"] <= 4 * 2 * 8  # responses end at EOS or 8 tokens
+    phases = result["phases_s_per_update"]
+    assert set(phases) == {"generate", "score", "old_forward", "advantages", "train", "push_weights"}
+    assert sum(phases.values()) <= result["sec_per_update"] * 1.0001  # phases partition the update
+    assert result["train_flop_per_update"] > 0 and 0 < result["train_flop_fraction_of_peak"]
+    trl = result["trl"]
+    assert trl["resp_tokens_per_update"] == 4 * 2 * 8  # TRL always decodes the whole length
+    ratio = result["resp_tokens_per_s"] / trl["resp_tokens_per_s"]
+    assert abs(result["speedup_vs_trl"] - ratio) < 1e-9
+    assert "speedup" in proc.stdout and "rlpipe" in proc.stdout
+
+
+def test_bench_ppo_update_rejects_a_batch_that_does_not_split():
+    proc = subprocess.run(
+        [RLPIPE, "bench", "ppo-update", "--prompts", "3", "--minibatches", "2", "--no-baseline"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: prompts x samples_per_prompt (3)")

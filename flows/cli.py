@@ -338,6 +338,10 @@ def bench_ppo_update_command(
     kl_coef: Annotated[
         float, typer.Option(min=0.0, help="KL to the reference (0: no reference pass).")
     ] = 0.05,
+    critic_mode: Annotated[
+        str, typer.Option(help="separate (a critic model, as TRL) or shared (a value head on the policy).")
+    ] = "separate",
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of both engines (0, 2, 3).")] = 2,
     baseline: Annotated[bool, typer.Option(help="Also run TRL's PPOTrainer on the same workload.")] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="End with one JSON object on the last line.")
@@ -348,15 +352,16 @@ def bench_ppo_update_command(
 
     bench = PPOBench(model=model, prompts=prompts, samples_per_prompt=samples_per_prompt,
                      response_length=response_length, epochs=epochs, minibatches=minibatches,
-                     updates=updates, kl_coef=kl_coef)  # fmt: skip
+                     updates=updates, kl_coef=kl_coef, critic_mode=critic_mode,
+                     zero_stage=zero_stage)  # fmt: skip
     try:
         bench_config(bench)  # a workload that does not fit fails here, in one line
-    except ValueError as err:
+    except ValueError as err:  # ConfigError (a bad option value) is one already
         raise ConfigError(str(err).splitlines()[0]) from None
     result = bench_ppo_update(bench, baseline=baseline)
     typer.echo(f"PPO update  {bench.prompts}x{bench.samples_per_prompt} rows, <= {bench.response_length} tokens, "
-               f"{bench.epochs} epochs x {bench.minibatches} minibatches, kl {bench.kl_coef}, {result['device']}, "
-               f"{result['threads']} threads")  # fmt: skip
+               f"{bench.epochs} epochs x {bench.minibatches} minibatches, kl {bench.kl_coef}, {bench.critic_mode} "
+               f"critic, ZeRO-{bench.zero_stage}, {result['device']}, {result['threads']} threads")  # fmt: skip
     typer.echo(
         f"  rlpipe  {result['sec_per_update']:8.3f} s/update  {result['resp_tokens_per_s']:9.1f} resp tok/s"
     )

@@ -42,6 +42,8 @@ class PPOBench:
     updates: int = 3
     warmup: int = 1  # untimed updates first (allocations, DeepSpeed's first step)
     kl_coef: float = 0.05
+    critic_mode: str = "separate"  # or shared: one trunk with a value head
+    zero_stage: int = 2  # the stages' default; 0 skips ZeRO's partitioning bookkeeping
     lr: float = 3e-6
     seed: int = 0
 
@@ -61,11 +63,14 @@ def bench_config(bench: PPOBench):
             f"prompts x samples_per_prompt ({rows}) must divide by minibatches ({bench.minibatches})"
         )
     micro = rows // bench.minibatches
-    optim = f"{{lr: {bench.lr}, micro_batch_size: {micro}, grad_accum_steps: 1, warmup_steps: 0, schedule: constant}}"
+    optim = (
+        f"{{lr: {bench.lr}, micro_batch_size: {micro}, grad_accum_steps: 1, warmup_steps: 0, schedule: constant, "
+        f"zero_stage: {bench.zero_stage}}}"
+    )
     tiny = BENCH_TINY.model_dump()
     overrides = [
         "run_id=bench", "wandb.mode=disabled", f"seed={bench.seed}",
-        f"model.policy={TINY if bench.model == 'tiny' else bench.model}", "model.critic_init=policy",
+        f"model.policy={TINY if bench.model == 'tiny' else bench.model}", "model.critic_init=policy", f"model.critic_mode={bench.critic_mode}",
         f"tiny_model={json.dumps(tiny)}", "generation.temperature=1.0", f"generation.max_new_tokens={bench.response_length}",
         f"ppo.prompts_per_step={bench.prompts}", f"ppo.samples_per_prompt={bench.samples_per_prompt}",
         f"ppo.epochs={bench.epochs}", f"ppo.minibatches={bench.minibatches}", f"ppo.kl_coef={bench.kl_coef}",
@@ -151,7 +156,8 @@ def training_flops(models, bench: PPOBench, padded_length: int) -> float:
     """
     tokens = bench.rows * padded_length
     policy = matmul_params(models.policy)
-    critic = matmul_params(models.critic.module) if models.critic is not None else 0
+    separate = models.critic is not None and not models.shared  # shared: the value head rides on the policy
+    critic = matmul_params(models.critic.module) if separate else 0
     return 6.0 * (policy + critic) * tokens * bench.epochs
 
 
@@ -167,7 +173,8 @@ def matmul_peak_flops(size: int = 1024, seconds: float = 2.0) -> float:
 
 
 def run_trl(bench: PPOBench) -> dict[str, Any]:
-    """The same workload through TRL's PPOTrainer; timings of its last `updates` updates."""
+    """The same workload through TRL's PPOTrainer (always a separate critic, plain PyTorch
+    optimizers under accelerate); timings of its last `updates` updates."""
     try:
         from trl.experimental.ppo import PPOConfig as TRLPPOConfig
         from trl.experimental.ppo import PPOTrainer

@@ -221,8 +221,18 @@ def _supports_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
-def _aligned_logits(model: nn.Module, mb: TokenBatch, packed: bool, max_tokens_per_row: int | None) -> Tensor:
-    """Logits [b, T, V] at `logit_positions_BT` (the outputs that predict each response token)."""
+def _aligned_logits(
+    model: nn.Module,
+    mb: TokenBatch,
+    packed: bool,
+    max_tokens_per_row: int | None,
+    with_values: nn.Module | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Logits [b, T, V] at `logit_positions_BT` (the outputs that predict each response token).
+
+    With `with_values` (a scalar head), also that head on the final hidden state at the same
+    positions, values [b, T], from the same forward.
+    """
     if packed:
         pb = pack_batch(mb, max_tokens_per_row)
         inputs = {
@@ -241,16 +251,22 @@ def _aligned_logits(model: nn.Module, mb: TokenBatch, packed: bool, max_tokens_p
         rows_BT = torch.arange(mb.input_ids_BL.shape[0], device=mb.input_ids_BL.device)[:, None]
         rows_BT = rows_BT.expand_as(mb.logit_positions_BT)
         cols_BT = mb.logit_positions_BT
+    hidden = {"output_hidden_states": True} if with_values is not None else {}
     if _supports_logits_to_keep(model):
         # the LM head runs only on the columns that predict a response token (not on prompts)
         kept_K = torch.unique(cols_BT[mb.response_mask_BT]) if mb.response_mask_BT.any() else cols_BT[:1, 0]
         lookup_N = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.long, device=kept_K.device)
         lookup_N[kept_K] = torch.arange(kept_K.numel(), device=kept_K.device)
-        logits = model(**inputs, logits_to_keep=kept_K, use_cache=False).logits
-        cols_BT = lookup_N[cols_BT]
+        out = model(**inputs, logits_to_keep=kept_K, use_cache=False, **hidden)
+        kept_cols_BT = lookup_N[cols_BT]
     else:
-        logits = model(**inputs, use_cache=False).logits
-    return logits[rows_BT, cols_BT]
+        out = model(**inputs, use_cache=False, **hidden)
+        kept_cols_BT = cols_BT
+    logits = out.logits[rows_BT, kept_cols_BT]
+    if with_values is None:
+        return logits
+    hidden_BTH = out.hidden_states[-1][rows_BT, cols_BT]  # the final (normed) hidden state
+    return logits, with_values(hidden_BTH).squeeze(-1).float()
 
 
 def response_logprobs(
@@ -283,6 +299,32 @@ def response_logprobs(
             entropy_parts.append(torch.where(mb.response_mask_BT, entropy_from_logits(z_BTV), 0.0))
     entropy_BT = torch.cat(entropy_parts) if with_entropy else None
     return torch.cat(logprob_parts), entropy_BT
+
+
+def response_logprobs_and_values(
+    shared: nn.Module,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    micro_batch_size: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(logprobs_BT, entropy_BT or None, values_BT) of a shared critic (`PolicyWithValueHead`, or a
+    DeepSpeed engine wrapping one) from ONE trunk forward: the same numbers as `response_logprobs`
+    on its policy plus `response_values` on it, at the cost of one forward instead of two."""
+    module = getattr(shared, "module", shared)
+    logprob_parts, entropy_parts, value_parts = [], [], []
+    for mb in _micro_batches(batch, micro_batch_size):
+        z_BTV, values_BT = _aligned_logits(module.policy, mb, False, None, with_values=module.value_head)
+        z_BTV = z_BTV.float() / temperature
+        logprobs_BT = z_BTV.gather(-1, mb.response_ids_BT[..., None]).squeeze(-1) - torch.logsumexp(
+            z_BTV, dim=-1
+        )
+        logprob_parts.append(torch.where(mb.response_mask_BT, logprobs_BT, 0.0))
+        value_parts.append(torch.where(mb.response_mask_BT, values_BT, 0.0))
+        if with_entropy:
+            entropy_parts.append(torch.where(mb.response_mask_BT, entropy_from_logits(z_BTV), 0.0))
+    entropy_BT = torch.cat(entropy_parts) if with_entropy else None
+    return torch.cat(logprob_parts), entropy_BT, torch.cat(value_parts)
 
 
 def response_values(

@@ -34,7 +34,13 @@ from stages.algorithms import (
 )
 from stages.diagnostics import scalar_metrics, value_diagnostics
 from stages.engine import step_engine
-from stages.forward import TokenBatch, build_token_batch, response_logprobs, response_values
+from stages.forward import (
+    TokenBatch,
+    build_token_batch,
+    response_logprobs,
+    response_logprobs_and_values,
+    response_values,
+)
 from stages.generation import HFGenerator, sampling_seed
 from stages.ppo_models import Models
 from stages.rollouts import ScoredSample, rollout_columns, score_samples, training_batch
@@ -145,7 +151,12 @@ def old_quantities(models: Models, scored, pad_id: int, temperature: float, ppo:
     logprobs (kl_coef > 0), old values (critic)."""
     rollout = Rollout(scored, pad_id)
     micro = ppo.policy_optim.micro_batch_size
-    rollout.old_logprobs_BT, _ = response_logprobs(models.policy, rollout.batch, temperature, micro)
+    if models.shared:  # old logprobs and old values from one trunk forward per micro-batch
+        rollout.old_logprobs_BT, _, rollout.old_values_BT = response_logprobs_and_values(
+            models.critic, rollout.batch, temperature, micro
+        )
+    else:
+        rollout.old_logprobs_BT, _ = response_logprobs(models.policy, rollout.batch, temperature, micro)
     sampler_BT = torch.zeros_like(rollout.old_logprobs_BT)
     for b, s in enumerate(scored):
         sampler_BT[b, : len(s.logprobs)] = torch.tensor(s.logprobs)
@@ -153,7 +164,7 @@ def old_quantities(models: Models, scored, pad_id: int, temperature: float, ppo:
     rollout.logprob_gen_diff = float(distributed.all_reduce(diff, "max"))
     if models.reference is not None:
         rollout.ref_logprobs_BT, _ = response_logprobs(models.reference, rollout.batch, temperature, micro)
-    if models.critic is not None:
+    if models.critic is not None and not models.shared:
         rollout.old_values_BT = response_values(models.critic, rollout.batch, micro)
     return rollout
 
@@ -251,13 +262,21 @@ def _minibatch_step(
             mb = build_token_batch(
                 [rollout.prompt_ids[i] for i in idx], [rollout.response_ids[i] for i in idx], rollout.pad_id
             )
-            loss = torch.zeros(())
+            loss, values_BT = torch.zeros(()), None
             if train_policy:
-                logprobs_BT, entropy_BT = response_logprobs(models.policy, mb, temperature, with_entropy=True)
+                if models.shared:  # one trunk forward for the logprobs and the values
+                    logprobs_BT, entropy_BT, values_BT = response_logprobs_and_values(
+                        engine, mb, temperature, with_entropy=True
+                    )
+                else:
+                    logprobs_BT, entropy_BT = response_logprobs(
+                        models.policy, mb, temperature, with_entropy=True
+                    )
                 loss, policy_stats = _policy_terms(logprobs_BT, entropy_BT, idx, rollout, ppo, counts)
                 _add(stats, policy_stats)
             if models.shared:
-                value, value_stats = _value_terms(response_values(engine, mb), idx, rollout, ppo, counts[0])
+                values_BT = response_values(engine, mb) if values_BT is None else values_BT
+                value, value_stats = _value_terms(values_BT, idx, rollout, ppo, counts[0])
                 loss = loss + ppo.value_loss_coef * value
                 _add(stats, value_stats)
             engine.backward(loss * optim.grad_accum_steps * world)

@@ -257,6 +257,30 @@ def test_packed_equals_padded_for_shared_critic(policy, batch):
     assert torch.count_nonzero(padded[batch.response_mask_BT]) == int(batch.response_mask_BT.sum())
 
 
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_one_shared_forward_gives_the_logprobs_and_values_of_two(batch, micro_batch_size):
+    from stages.forward import response_logprobs_and_values
+
+    shared = PolicyWithValueHead(make_tiny_qwen2(seed=0)).eval()
+    torch.manual_seed(5)
+    torch.nn.init.normal_(shared.value_head.weight)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(shared.policy, batch, 0.7, micro_batch_size, with_entropy=True)
+        values = response_values(shared, batch, micro_batch_size)
+        joint = response_logprobs_and_values(shared, batch, 0.7, micro_batch_size, with_entropy=True)
+    torch.testing.assert_close(joint[0], logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(joint[1], entropy, atol=1e-6, rtol=0)
+    torch.testing.assert_close(joint[2], values, atol=1e-6, rtol=0)
+    assert torch.count_nonzero(joint[2][batch.response_mask_BT]) == int(batch.response_mask_BT.sum())
+    # and the gradient reaches the trunk through both heads
+    logprobs_BT, _, values_BT = response_logprobs_and_values(shared, batch)
+    (logprobs_BT.sum() + values_BT.sum()).backward()
+    assert (
+        shared.value_head.weight.grad is not None
+        and shared.policy.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    )
+
+
 def test_position_id_packing_detection_agrees_with_the_block_mask(policy, batch):
     """The flash-attention path passes no mask and relies on transformers splitting on restarting position ids.
 

@@ -322,6 +322,65 @@ def bench_gae_command(
     typer.echo(f"  max rel. error     {result['max_rel_error']:9.2e}")
 
 
+@bench_app.command("storage")
+def bench_storage_command(
+    storage: StorageOpt = None,
+    endpoint_url: EndpointOpt = None,
+    rows: Annotated[int, typer.Option(min=1, help="Rollout rows written and read.")] = 4096,
+    response_len: Annotated[int, typer.Option(min=1, help="Tokens per rollout (per-token columns).")] = 256,
+    checkpoint_mb: Annotated[
+        int, typer.Option(min=1, help="Size of the checkpoint saved and loaded (MiB).")
+    ] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Rollout Parquet and checkpoint throughput (rlpipe vs. pandas / torch.save) under a storage root."""
+    from stages.bench_io import bench_storage
+
+    result = bench_storage(_root(storage, endpoint_url), rows, response_len, checkpoint_mb)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    r, c = result["rollouts"], result["checkpoint"]
+    typer.echo(f"storage {result['root']}: {rows} rollouts x {response_len} tokens ({r['file_mb']:.1f} MB)")
+    typer.echo(f"  rollouts write  rlpipe {r['rlpipe_write_rows_per_s']:9.0f} rows/s ({r['rlpipe_write_mb_per_s']:.1f} MB/s)"
+               f"   pandas {r['pandas_write_rows_per_s']:9.0f} rows/s")  # fmt: skip
+    typer.echo(f"  rollouts read   rlpipe {r['rlpipe_read_rows_per_s']:9.0f} rows/s ({r['rlpipe_read_mb_per_s']:.1f} MB/s)"
+               f"   pandas {r['pandas_read_rows_per_s']:9.0f} rows/s")  # fmt: skip
+    typer.echo(f"  checkpoint {c['mb']:.0f} MB  save rlpipe {c['rlpipe_save_mb_per_s']:.0f} MB/s (sha256, commit)  "
+               f"torch.save {c['torch_save_mb_per_s']:.0f} MB/s;  load rlpipe {c['rlpipe_load_mb_per_s']:.0f} MB/s "
+               f"(verified)  torch.load {c['torch_load_mb_per_s']:.0f} MB/s")  # fmt: skip
+
+
+@bench_app.command("generate")
+def bench_generate_command(
+    model: Annotated[
+        str, typer.Option(help="HF model directory, or `tiny` (the 3.4M-parameter bench model).")
+    ] = "tiny",
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts sampled at once.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Response budget in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """rlpipe's KV-cache sampler vs. plain `model.generate`: response tokens per second."""
+    from stages.bench_io import bench_generate
+    from stages.bench_ppo import PPOBench, model_dir
+
+    result = bench_generate(model_dir(PPOBench(model=model)), prompts, max_new_tokens, temperature)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(
+        f"generate {prompts} prompts, <= {max_new_tokens} tokens, T={temperature}, {result['threads']} threads"
+    )
+    typer.echo(
+        f"  rlpipe HFGenerator  {result['rlpipe_tokens_per_s']:9.1f} tok/s ({result['rlpipe_tokens']} tokens)"
+    )
+    typer.echo(
+        f"  model.generate      {result['hf_generate_tokens_per_s']:9.1f} tok/s ({result['hf_generate_tokens']} tokens)"
+    )
+    typer.echo(f"  speedup             {result['speedup']:9.2f} x")
+
+
 @bench_app.command("ppo-update")
 def bench_ppo_update_command(
     model: Annotated[

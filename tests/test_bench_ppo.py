@@ -36,3 +36,24 @@ def test_bench_ppo_update_rejects_a_batch_that_does_not_split():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: prompts x samples_per_prompt (3)")
+
+
+def test_bench_storage_and_generate_report_both_sides(tmp_path):
+    storage = subprocess.run(
+        [RLPIPE, "bench", "storage", "--storage", str(tmp_path / "root"), "--rows", "64", "--response-len", "16",
+         "--checkpoint-mb", "2", "--json"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert storage.returncode == 0, storage.stderr[-2000:]
+    result = json.loads(storage.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 64 and result["rollouts"]["file_mb"] > 0
+    assert all(v > 0 for v in result["rollouts"].values()) and all(
+        v > 0 for v in result["checkpoint"].values()
+    )
+    assert not any((tmp_path / "root").iterdir())  # the benchmark cleans up after itself
+    generate = subprocess.run(
+        [RLPIPE, "bench", "generate", "--prompts", "4", "--max-new-tokens", "8", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert generate.returncode == 0, generate.stderr[-2000:]
+    result = json.loads(generate.stdout.strip().splitlines()[-1])
+    assert 0 < result["rlpipe_tokens"] <= 32 and 0 < result["hf_generate_tokens"] <= 32

@@ -8,10 +8,10 @@ ranks talk over gloo.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,26 +36,30 @@ def shm_op_build_dir() -> Path:
         return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
 
 
-def clear_stale_build_lock(build_dir: Path, finished_grace_s: float = 60.0, max_age_s: float = 900.0) -> bool:
-    """Remove torch's JIT build lock if its builder is gone; True if one was removed.
+def load_shm_op_exclusively(build_dir: Path | None = None) -> None:
+    """Load DeepSpeed's CPU shm comm op while holding a kernel lock, clearing a dead process's baton.
 
-    Why: torch's FileBaton is a bare lock file. A process killed while building (a kill -9 during a
-    stage's first start) leaves it behind, and every later process waits on it forever inside
-    `deepspeed.init_distributed`. The lock is stale when the build finished (the .so is there)
-    and the lock is still around a minute later, or when it is far older than any build takes.
+    Why: torch's JIT loader takes a bare lock FILE (`FileBaton`) around every load, even when
+    nothing needs rebuilding, and waits forever for it to vanish. A process killed inside that
+    window (a kill -9 or a cancelled stage starting up) leaves the file behind and every later
+    stage hangs in `deepspeed.init_distributed`. Here each loader first takes an `flock` on a file
+    beside it, which the kernel drops when its holder dies: whoever holds the flock is the only
+    live loader, so a baton file it finds is a dead process's and is removed. DeepSpeed caches
+    the loaded op, so its own load in `init_distributed` takes no baton. The flock covers only
+    the load (not the rendezvous, which needs every rank), so ranks cannot deadlock on it.
     """
-    lock = build_dir / "lock"
-    try:
-        locked_at = lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    age = time.time() - locked_at
-    # Finished = a library written after the lock was taken (an older one may be under rebuild).
-    built = any(so.stat().st_mtime >= locked_at for so in build_dir.glob("*.so"))
-    if (built and age > finished_grace_s) or age > max_age_s:
-        lock.unlink(missing_ok=True)
-        return True
-    return False
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not __compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = build_dir or shm_op_build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "rlpipe.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+        (build_dir / "lock").unlink(missing_ok=True)
+        builder.load(verbose=False)
 
 
 def init_distributed() -> None:
@@ -72,7 +76,7 @@ def init_distributed() -> None:
     else:
         torch.cuda.set_device(local_rank())  # before NCCL init, so each rank binds its own GPU
     if not torch.cuda.is_available():
-        clear_stale_build_lock(shm_op_build_dir())
+        load_shm_op_exclusively()
     import deepspeed
 
     # DeepSpeed creates the torch.distributed default group (nccl on GPU, gloo on CPU) and its comm layer.

@@ -250,7 +250,9 @@ ZERO3_SCRIPT = textwrap.dedent(
     import deepspeed, torch
     from stages.generation import HFGenerator, SamplingConfig
     from conftest import make_tiny_qwen2
+    from stages.distributed import init_distributed
 
+    init_distributed()  # the stages' own init: loads the shm comm op under its kill-safe lock
     prompts = {prompts}
     sampling = SamplingConfig(temperature=0.8, max_new_tokens=8)
     reference = HFGenerator(make_tiny_qwen2(seed=0), 1, 0).generate(prompts, sampling, seed=11)

@@ -35,6 +35,7 @@ def resolve_config(
     recipe_data = load_recipe(recipe_path)
     recipe_data.setdefault("recipe", recipe_path.stem)
     config = validate_config(apply_overrides(recipe_data, overrides, PipelineConfig), PipelineConfig)
+    config.storage.root_location().check_usable()  # before anything starts: one line, nothing written
     if config.run_id is None:
         return config.model_copy(update={"run_id": new_run_id(config.recipe)}), False
     try:

@@ -184,9 +184,13 @@ def verify_checkpoint(checkpoints: Location, step: int, *, max_workers: int = 8)
 
     def check(relpath: str) -> None:
         loc = step_loc / relpath
-        try:
+
+        def read_and_hash() -> dict:
             with loc.fs.open(loc.path, "rb") as f:
-                actual = _hash_stream(f)
+                return _hash_stream(f)
+
+        try:
+            actual = loc.retrying("read", read_and_hash)
         except FileNotFoundError:
             raise _corrupt(step_loc, relpath, "is missing") from None
         _compare(step_loc, relpath, files[relpath], actual)
@@ -270,7 +274,8 @@ def _first_intact(checkpoints: Location, attempt: Callable[[int], None]) -> int 
                 "checkpoint %s is corrupt, falling back to an older one: %s", step_dir_name(step), err
             )
     raise CorruptCheckpointError(
-        f"no intact committed checkpoint in {checkpoints}: steps {[latest, *candidates]} are all corrupt"
+        f"no intact committed checkpoint in {checkpoints}: steps {[latest, *candidates]} are all corrupt; "
+        "rerun the stage with --force to start it over"
     )
 
 

@@ -304,5 +304,6 @@ def run_stage_process(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if code != 0:
-            reason = last_error.removeprefix("error: ") or f"exit code {code}"
+            died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            reason = last_error.removeprefix("error: ") or died
             raise StageFailed(f"stage {stage} failed: {reason}", code)

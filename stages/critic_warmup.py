@@ -62,8 +62,9 @@ from stages.lifecycle import (
     staging_dir,
 )
 from stages.models import PolicyWithValueHead, load_reference, load_reward_model, load_value_model
+from stages.numerics import at_step, require_finite
 from stages.rollouts import ScoredSample, batch_from_rollouts, rollout_columns, score_samples, training_batch
-from stages.tasks import batch_indices, encode_problems, shard, task_problems
+from stages.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.tracking import MetricsTracker
 from storage.location import Location
 from storage.rollouts import delete_rollouts_after, read_rollouts, write_rollouts
@@ -151,6 +152,8 @@ def run(config, force: bool = False) -> None:
 
     # 3. Data: training prompts (the same split as every stage), or the source run's rollouts.
     train = encode_problems(task_problems(config.task, "train"), tokenizer)
+    if not cw.rollouts_from:
+        check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train")
     source = Location(cw.rollouts_from, ctx.endpoint_url) if cw.rollouts_from else None
 
     # 4. Resume from the newest committed checkpoint; later rollouts are replaced, never duplicated.
@@ -211,17 +214,18 @@ def run(config, force: bool = False) -> None:
         advantages_BT, returns_BT = compute_gae(rewards_BT, old_values_BT, mask_BT, cw.gamma, cw.lam_critic)
 
         # step 5.4 critic updates
-        loss = _update_critic(
-            engine,
-            critic,
-            prompt_ids,
-            response_ids,
-            pad_id,
-            old_values_BT,
-            returns_BT,
-            cw,
-            (config.seed, done),
-        )
+        with at_step(STAGE, done):
+            loss = _update_critic(
+                engine,
+                critic,
+                prompt_ids,
+                response_ids,
+                pad_id,
+                old_values_BT,
+                returns_BT,
+                cw,
+                (config.seed, done),
+            )
 
         # step 5.5 metrics, reduced over ranks
         if done % cw.log_every == 0 or done == cw.steps:
@@ -389,6 +393,7 @@ def _update_critic(
                     agg="token_mean",
                     global_count=tokens,
                 )
+                require_finite(loss, "value loss")
                 engine.backward(loss * scale)
                 engine.step()
                 total += loss.detach()

@@ -55,7 +55,7 @@ from stages.lifecycle import (
 )
 from stages.ppo_models import build_models, export_models, save_hf_models
 from stages.ppo_step import push_weights, rollout_table, run_step, step_metrics
-from stages.tasks import batch_indices, encode_problems, shard, task_problems
+from stages.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.tracking import MetricsTracker
 from storage.rollouts import delete_rollouts_after, write_rollouts
 
@@ -127,6 +127,12 @@ class PPOConfig(Section):
     )
     loss_agg: Aggregation = Field(
         "token_mean", description="Loss aggregation: token_mean, seq_mean_token_mean or seq_mean_token_sum."
+    )
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error",
+        description="A NaN/inf in a step's rewards, logprobs, values or advantages: error stops the stage "
+        "naming the step (the last checkpoint stays latest); skip leaves the weights as they were for "
+        "that step (ppo/skipped_nonfinite = 1). A non-finite loss always stops: the weights diverged.",
     )
     policy_warmup_steps: int = Field(
         0, ge=0, description="The first N steps update only the critic (the policy stays as loaded)."
@@ -204,6 +210,8 @@ def run(config, force: bool = False) -> None:
     # 3. Data: training prompts (the split every stage uses) and the held-out prompts.
     train = encode_problems(task_problems(config.task, "train"), tokenizer)
     heldout = encode_problems(task_problems(config.task, "test"), tokenizer)
+    check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train")
+    check_fits(heldout, tokenizer, config.generation.max_new_tokens, f"{STAGE} held-out")
 
     def evaluate() -> dict[str, float]:
         return heldout_accuracy(

@@ -42,6 +42,7 @@ from stages.forward import (
     response_values,
 )
 from stages.generation import HFGenerator, sampling_seed
+from stages.numerics import NonFiniteError, at_step, describe, nonfinite_counts, require_finite
 from stages.ppo_models import Models
 from stages.rollouts import ScoredSample, rollout_columns, score_samples, training_batch
 
@@ -109,8 +110,16 @@ def run_step(
         rollout = old_quantities(models, scored, pad_id, temperature, ppo)
     with timer("advantages"):
         compute_advantages(rollout, group_ids_B, ppo)
-    with timer("train"):
-        stats = update(models, rollout, ppo, temperature, train_policy, (config.seed, step))
+    with timer("train"), at_step(STAGE, step):
+        bad = nonfinite_inputs(rollout)
+        if bad and ppo.on_nonfinite == "error":
+            raise NonFiniteError(f"non-finite {describe(bad)}; the last committed checkpoint is kept")
+        if bad:  # skip: this step leaves the weights as they were
+            distributed.print0(f"{STAGE} step {step}: non-finite {describe(bad)}; step skipped (no update)")
+            stats = {}
+        else:
+            stats = update(models, rollout, ppo, temperature, train_policy, (config.seed, step))
+        stats["skipped_nonfinite"] = float(bool(bad))
     with timer("push_weights"):
         generator.wake()
         push_weights(generator, models, ppo.policy_optim, version=step)
@@ -167,6 +176,15 @@ def old_quantities(models: Models, scored, pad_id: int, temperature: float, ppo:
     if models.critic is not None and not models.shared:
         rollout.old_values_BT = response_values(models.critic, rollout.batch, micro)
     return rollout
+
+
+def nonfinite_inputs(rollout: Rollout) -> dict[str, tuple[int, int]]:
+    """What of the step's data is NaN/inf (over all ranks): checked before any update."""
+    named = {
+        "reward": rollout.rewards_B, "old_logprobs": rollout.old_logprobs_BT, "ref_logprobs": rollout.ref_logprobs_BT,
+        "values": rollout.old_values_BT, "advantages": rollout.advantages_BT, "returns": rollout.returns_BT,
+    }  # fmt: skip
+    return nonfinite_counts(named, rollout.mask_BT)
 
 
 def compute_advantages(rollout: Rollout, group_ids_B: Tensor, ppo: PPOConfig) -> None:
@@ -279,6 +297,7 @@ def _minibatch_step(
                 value, value_stats = _value_terms(values_BT, idx, rollout, ppo, counts[0])
                 loss = loss + ppo.value_loss_coef * value
                 _add(stats, value_stats)
+            require_finite(loss, "policy loss" if train_policy else "value loss")
             engine.backward(loss * optim.grad_accum_steps * world)
             _record(norms, "grad_norm_policy", step_engine(engine))
     if models.critic_engine is not None:
@@ -288,6 +307,7 @@ def _minibatch_step(
                 [rollout.prompt_ids[i] for i in idx], [rollout.response_ids[i] for i in idx], rollout.pad_id
             )
             value, value_stats = _value_terms(response_values(engine, mb), idx, rollout, ppo, counts[0])
+            require_finite(value, "value loss")
             engine.backward(ppo.value_loss_coef * value * optim.grad_accum_steps * world)
             _record(norms, "grad_norm_critic", step_engine(engine))
             _add(stats, value_stats)

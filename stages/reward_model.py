@@ -44,6 +44,7 @@ from stages.lifecycle import (
     staging_dir,
 )
 from stages.models import init_reward_model, reward_model_scores
+from stages.numerics import at_step, require_finite
 from stages.tasks import batch_indices, shard, task_problems
 from stages.tracking import MetricsTracker
 
@@ -177,8 +178,9 @@ def run(config, force: bool = False) -> None:
     # 5. Train: Bradley-Terry (+ reward centering) on each global batch of pairs.
     for step in range(start, rm.steps):
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
-        sums = _train_step(engine, [train[i] for i in indices], rm, pad_id)
         done = step + 1
+        with at_step(STAGE, done):
+            sums = _train_step(engine, [train[i] for i in indices], rm, pad_id)
         if done % rm.log_every == 0 or done == rm.steps:
             loss, correct, gap, n = distributed.all_reduce(sums).tolist()
             last = {"loss": loss / n, "accuracy": correct / n, "margin": gap / n}
@@ -314,6 +316,7 @@ def _train_step(engine, batch: list[EncodedPair], rm, pad_id: int) -> torch.Tens
         margin_B = None if all(x is None for x in margins) else torch.tensor([x or 0.0 for x in margins])
         bt_loss, stats = bradley_terry_loss(chosen_B, rejected_B, margin_B)
         loss = bt_loss + rm.center_rewards_coef * ((chosen_B + rejected_B) ** 2).mean()
+        require_finite(loss, "loss")
         engine.backward(loss * (len(chunk) / global_pairs) * scale)
         engine.step()
         n = len(chunk)

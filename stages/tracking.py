@@ -46,8 +46,9 @@ class MetricsTracker:
         self._bar = None
         if not self.is_writer:
             return
-        # Steps after the resumed checkpoint are replaced, never duplicated.
-        truncate_metrics_after(metrics, start_step)
+        # Steps after the resumed checkpoint are replaced, never duplicated. A fresh start (no
+        # checkpoint: start_step 0) drops everything, the step-0 records of a killed try included.
+        truncate_metrics_after(metrics, start_step if start_step > 0 else -1)
         if wandb_config.mode != "disabled":
             self._wandb_run = _start_wandb(wandb_config, run_id, stage, config, wandb_dir)
         self._bar = tqdm(

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storage.checkpoints import committed_steps
+from storage.checkpoints import committed_steps, latest_committed_step, read_commit_record, verify_checkpoint
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.manifests import read_manifest
@@ -180,8 +180,24 @@ def test_update_moves_logprobs_in_the_direction_of_the_advantages(base):
     assert gain > 0.5, gain
 
 
-def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path):
-    """kill -9 after the first committed checkpoint; the rerun matches the uninterrupted run bit for bit."""
+FAULTPOINTS = str(Path(__file__).resolve().parent / "faultpoints")
+
+
+def kill_at(point: str, base: RunLayout) -> str:
+    """`RLPIPE_TEST_KILL` for a kill point (tests/faultpoints/sitecustomize.py); the N is chosen to
+    land where the point is interesting: upload in the middle of the second checkpoint's files,
+    train in step 3 (after the first checkpoint), generate in step 2's sampling."""
+    if point == "upload":
+        files = len(read_commit_record(base.checkpoints(STAGE), 2)["files"])
+        return f"upload:{files + files // 2}"
+    # generate: initial eval (greedy + sampled), step 1, step 2; train: 12 engine steps per step
+    return {"generate": "generate:4", "train": "train:30", "manifest": "manifest:1"}[point]
+
+
+@pytest.mark.parametrize("point", ["after_commit", "generate", "train", "upload", "manifest"])
+def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path, point):
+    """kill -9 at a point of the run; the committed state is intact, and the rerun matches the
+    uninterrupted run bit for bit with every rollout step and metric step stored once."""
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
     command = [
@@ -194,30 +210,34 @@ def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path):
         str(root),
         *sets(from_sft(base, [])),
     ]
-    proc = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not committed_steps(layout.checkpoints(STAGE)):
-        assert proc.poll() is None, "the stage finished before it could be killed"
-        assert time.time() < deadline, "no checkpoint committed in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if point == "after_commit":  # from outside, as soon as the first checkpoint is committed
+        proc = subprocess.Popen(
+            command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.time() + 300
+        while not committed_steps(layout.checkpoints(STAGE)):
+            assert proc.poll() is None, "the stage finished before it could be killed"
+            assert time.time() < deadline, "no checkpoint committed in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    else:  # from inside, at the point itself
+        env = dict(os.environ, RLPIPE_TEST_KILL=kill_at(point, base))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTPOINTS, env.get("PYTHONPATH")]))
+        killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert killed.returncode != 0 and "killed by SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    # what the kill left: no manifest, a committed checkpoint only if it verifies, latest names it
     assert read_manifest(layout.manifest(STAGE)) is None
+    for step in committed_steps(layout.checkpoints(STAGE)):
+        verify_checkpoint(layout.checkpoints(STAGE), step)
+    committed = committed_steps(layout.checkpoints(STAGE))
+    assert latest_committed_step(layout.checkpoints(STAGE)) == (committed[-1] if committed else None)
     rerun = rlpipe("stage", STAGE, "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r] == [
-        1,
-        2,
-        3,
-        4,
-    ]
-    assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/heldout_sampled" in r] == [
-        0,
-        2,
-        4,
-    ]
+    steps = [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r]
+    assert steps == [1, 2, 3, 4]
+    heldout = [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/heldout_sampled" in r]
+    assert heldout == [0, 2, 4]
     table, expected = read_rollouts(layout.rollouts(STAGE)), read_rollouts(base.rollouts(STAGE))
     for column in ("step", "prompt_id", "sample_idx", "response_ids", "reward", "values", "advantages"):
         assert table[column].to_pylist() == expected[column].to_pylist(), column
@@ -226,6 +246,60 @@ def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
     initial = read_manifest(base.manifest(STAGE)).metrics["initial_heldout_sampled"]
     assert read_manifest(layout.manifest(STAGE)).metrics["initial_heldout_sampled"] == initial
+
+
+def with_fault(variable: str, spec: str) -> dict[str, str]:
+    env = dict(os.environ, **{variable: spec})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTPOINTS, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (
+            "reward:3",
+            "error: stage ppo failed: ppo step 3: non-finite reward (1 of 32)",
+        ),  # score_samples: once per step
+        (
+            "policy_loss:20",
+            "error: stage ppo failed: ppo step 3: non-finite policy loss (nan) before its backward",
+        ),  # 8 per step
+    ],
+)
+def test_a_nan_stops_the_stage_naming_the_step_and_keeps_the_last_checkpoint(base, tmp_path, fault, message):
+    root = tmp_path / "runs"
+    layout = RunLayout(Location(str(root)), "nan")
+    command = [RLPIPE, "stage", STAGE, "--run-id", "nan", "--storage", str(root), *sets(from_sft(base, []))]
+    proc = subprocess.run(command, env=with_fault("RLPIPE_TEST_NAN", fault), capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[-1].startswith(message), errors
+    assert read_manifest(layout.manifest(STAGE)) is None
+    assert latest_committed_step(layout.checkpoints(STAGE)) == 2  # step 2's checkpoint, untouched
+    verify_checkpoint(layout.checkpoints(STAGE), 2)
+    assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r] == [1, 2]
+
+
+def test_skip_mode_leaves_the_weights_of_a_nan_step_and_carries_on(base, tmp_path):
+    root = tmp_path / "runs"
+    layout = RunLayout(Location(str(root)), "skip")
+    overrides = from_sft(base, ["ppo.on_nonfinite=skip", "ppo.steps=3"])
+    command = [RLPIPE, "stage", STAGE, "--run-id", "skip", "--storage", str(root), *sets(overrides)]
+    proc = subprocess.run(
+        command, env=with_fault("RLPIPE_TEST_NAN", "reward:3"), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ppo step 3: non-finite reward (1 of 32)" in proc.stdout + proc.stderr
+    assert metric(layout, "ppo/skipped_nonfinite") == [0.0, 0.0, 1.0]
+    assert len(metric(layout, "ppo/policy_loss")) == 2  # step 3 made no update
+    # step 3 left the weights as step 2 made them: its checkpoint's policy equals the final one
+    from transformers import AutoModelForCausalLM
+
+    after_2 = AutoModelForCausalLM.from_pretrained(layout.checkpoint_model(STAGE, 2, "policy").path)
+    final = weights(layout, "policy")
+    assert all(torch.equal(p, final[k]) for k, p in after_2.state_dict().items() if k in final)
+    assert sorted(set(read_rollouts(layout.rollouts(STAGE))["step"].to_pylist())) == [1, 2, 3]
 
 
 def test_grpo_runs_without_a_critic(base, tmp_path):

@@ -306,6 +306,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         stage_failed,
         FileNotFoundError,
         PermissionError,
+        NotADirectoryError,  # a storage root or input path that runs through a file
+        IsADirectoryError,
         *in_process,
     )
 

@@ -34,6 +34,8 @@ from stages import distributed
 from stages.artifacts import TINY, input_ref_for
 from stages.config import ConfigError, config_hash, load_recipe, validate_config
 from stages.datasets import DataError
+from stages.numerics import NonFiniteError
+from storage.checkpoints import CheckpointError
 from storage.layout import RunLayout
 from storage.location import StorageError
 from storage.manifests import (
@@ -215,8 +217,12 @@ USER_ERRORS = (
     StorageError,
     ManifestError,
     ReportError,
+    CheckpointError,  # e.g. every committed checkpoint corrupt: the message says what to do
+    NonFiniteError,  # deterministic: a rerun from the same checkpoint meets the same NaN
     FileNotFoundError,
     PermissionError,
+    NotADirectoryError,  # a storage root or input path that runs through a file
+    IsADirectoryError,
 )
 
 

@@ -18,6 +18,7 @@ from stages.accuracy import heldout_accuracy
 from stages.algorithms import aggregate_loss
 from stages.artifacts import export_model_dir, resolve_model_dir
 from stages.config import Section, non_semantic
+from stages.datasets import DataError
 from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
 from stages.forward import build_token_batch, response_logprobs
 from stages.lifecycle import (
@@ -31,7 +32,8 @@ from stages.lifecycle import (
     staging_dir,
 )
 from stages.models import load_policy
-from stages.tasks import EncodedProblem, batch_indices, encode_problems, shard, task_problems
+from stages.numerics import at_step, require_finite
+from stages.tasks import EncodedProblem, batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.tracking import MetricsTracker
 
 STAGE = "sft"
@@ -74,20 +76,27 @@ def run(config, force: bool = False) -> None:
         return
     layout = ctx.layout
 
-    # 2. Model, tokenizer, engine.
+    # 2. Model and tokenizer (the engine after the data).
     policy_dir = resolve_model_dir(config.model.policy, config.tiny_model, ctx.endpoint_url)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    torch.manual_seed(config.seed)
-    engine = build_engine(load_policy(policy_dir, config.model.dtype), sft.optim)
 
-    # 3. Data: train problems with worked solutions; held-out problems for accuracy.
+    # 3. Data (before the engine, so bad data fails in seconds): train problems with worked
+    #    solutions; held-out problems for accuracy.
     train = [p for p in encode_problems(task_problems(config.task, "train"), tokenizer) if p.solution_ids]
     heldout = encode_problems(task_problems(config.task, "test"), tokenizer)
+    if not train:
+        raise DataError(f"{STAGE}: no training problem of {config.task.dataset!r} has a worked solution")
+    check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train", with_solution=True)
+    check_fits(heldout, tokenizer, config.generation.max_new_tokens, f"{STAGE} held-out")
+
+    # 4. Engine.
+    torch.manual_seed(config.seed)
+    engine = build_engine(load_policy(policy_dir, config.model.dtype), sft.optim)
     global_batch = sft.optim.micro_batch_size * sft.optim.grad_accum_steps * world
 
-    # 4. Resume from the newest committed checkpoint (same config only).
+    # 5. Resume from the newest committed checkpoint (same config only).
     staging = staging_dir(ctx)
     state = load_training_state({"policy": engine}, layout.checkpoints(STAGE), staging)
     if state is not None:
@@ -105,11 +114,12 @@ def run(config, force: bool = False) -> None:
         config=config.model_dump(mode="json"),
     )
 
-    # 5. Train.
+    # 6. Train.
     for step in range(start, sft.steps):
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
-        loss = _train_step(engine, [train[i] for i in indices], sft.optim, tokenizer.pad_token_id)
         done = step + 1
+        with at_step(STAGE, done):
+            loss = _train_step(engine, [train[i] for i in indices], sft.optim, tokenizer.pad_token_id)
         last_loss = distributed.all_reduce(loss.detach().clone(), "mean").item()
         if done % sft.log_every == 0 or done == sft.steps:
             tracker.log(done, {"sft/loss": last_loss, "sft/lr": engine.get_lr()[0]})
@@ -124,12 +134,12 @@ def run(config, force: bool = False) -> None:
                 {"policy": engine}, trainer_state, layout.checkpoints(STAGE), done, sft.keep_last, staging
             )
 
-    # 6. Held-out accuracy, greedy and sampled.
+    # 7. Held-out accuracy, greedy and sampled.
     accuracy = heldout_accuracy(engine.module, tokenizer, heldout, config.generation, config.seed)
     tracker.log(sft.steps, {f"sft/heldout_{k}": v for k, v in accuracy.items()})
     tracker.close()
 
-    # 7. Export the policy in HF format, then the manifest (last).
+    # 8. Export the policy in HF format, then the manifest (last).
     final = layout.final(STAGE, "policy")
     if ctx.is_main:
         export_dir = staging / "export"
@@ -165,6 +175,7 @@ def _train_step(engine, batch: list[EncodedProblem], optim: OptimConfig, pad_id:
             aggregate_loss(-logprobs, tokens.response_mask_BT, "token_mean", global_count=global_tokens)
             * scale
         )
+        require_finite(loss, "loss")
         engine.backward(loss)
         engine.step()
         total += loss.detach() / scale

@@ -14,7 +14,10 @@ import torch
 from pydantic import Field
 
 from stages.config import Section
-from stages.datasets import ArithDifficulty, Problem, arith_problems, format_prompt, load_problems
+from stages.datasets import ArithDifficulty, DataError, Problem, arith_problems, format_prompt, load_problems
+
+# Tokenizers with no context length report this sentinel (transformers' VERY_LARGE_INTEGER).
+_NO_CONTEXT_LENGTH = 10**9
 
 
 class TaskConfig(Section):
@@ -39,7 +42,10 @@ def task_problems(task: TaskConfig, split: Literal["train", "test"]) -> list[Pro
     n = task.train_size if split == "train" else task.heldout_size
     if task.dataset == "arith":
         return arith_problems(split, n, task.data_seed, task.difficulty)
-    return load_problems(task.dataset, split, limit=n)
+    problems = load_problems(task.dataset, split, limit=n)
+    if not problems:  # an empty file would otherwise fail later, deep in batching
+        raise DataError(f"task dataset {task.dataset!r} split {split!r} has no problems")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,29 @@ def encode_problems(problems: list[Problem], tokenizer) -> list[EncodedProblem]:
         )
         encoded.append(EncodedProblem(problem, prompt, prompt_ids, solution_ids))
     return encoded
+
+
+def check_fits(
+    encoded: list[EncodedProblem], tokenizer, max_new_tokens: int, what: str, with_solution: bool = False
+) -> None:
+    """DataError naming the first problem whose prompt + `max_new_tokens` (`with_solution`: or + its
+    worked solution, if longer) exceeds the tokenizer's context length: a model never trains on or
+    samples past its positions."""
+    context = getattr(tokenizer, "model_max_length", None)
+    if not context or context >= _NO_CONTEXT_LENGTH:
+        return
+
+    def needed(p: EncodedProblem) -> int:
+        return len(p.prompt_ids) + max(max_new_tokens, len(p.solution_ids) if with_solution else 0)
+
+    too_long = [p for p in encoded if needed(p) > context]
+    if too_long:
+        first = too_long[0]
+        raise DataError(
+            f"{what}: {len(too_long)} of {len(encoded)} prompts do not fit the model's context of {context} "
+            f"tokens with {max_new_tokens} new tokens (first: {first.problem.id}, {len(first.prompt_ids)} "
+            "prompt tokens); shorten them or lower generation.max_new_tokens"
+        )
 
 
 def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:

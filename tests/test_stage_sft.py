@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,28 @@ def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path):
     # Same seed, same data order, restored optimizer and RNG: bit-identical weights.
     base, resumed = final_weights(base_layout), final_weights(layout)
     assert all(torch.equal(base[name], resumed[name]) for name in base)
+
+
+def test_every_checkpoint_corrupt_is_one_line_and_force_starts_over(finished_run, tmp_path):
+    """A run whose committed checkpoints all fail their sha256: a clear error, nothing deleted; --force recovers."""
+    base_layout, _ = finished_run
+    root = tmp_path / "runs"
+    shutil.copytree(base_layout.run.path, root / "base")
+    layout = RunLayout(Location(str(root)), "base")
+    Path(layout.manifest("sft").path).unlink()  # the stage is incomplete: it must resume
+    for step in committed_steps(layout.checkpoints("sft")):
+        state = Path(layout.checkpoints("sft").path) / f"step_{step:06d}" / "trainer_state.json"
+        state.write_text(state.read_text().replace("{", "{ ", 1))  # same meaning, other bytes
+    rerun = rlpipe("stage", "sft", "--run-id", "base", "--storage", str(root))
+    lines = rerun.stderr.strip().splitlines()
+    assert rerun.returncode != 0 and len(lines) == 1 and "Traceback" not in rerun.stderr, rerun.stderr
+    assert "steps [8, 4] are all corrupt" in lines[0] and "--force" in lines[0]
+    assert committed_steps(layout.checkpoints("sft")) == [4, 8]  # evidence kept, not deleted
+
+    forced = rlpipe("stage", "sft", "--run-id", "base", "--storage", str(root), "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    base, again = final_weights(base_layout), final_weights(layout)
+    assert all(torch.equal(base[name], again[name]) for name in base)
 
 
 def test_stage_uses_another_runs_output_when_given_its_uri(finished_run, tmp_path):

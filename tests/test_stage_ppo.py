@@ -12,14 +12,13 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_points import assert_committed_state_intact, kill_during, with_fault
 from safetensors.torch import load_file
 
 from storage.checkpoints import committed_steps, latest_committed_step, read_commit_record, verify_checkpoint
@@ -180,18 +179,15 @@ def test_update_moves_logprobs_in_the_direction_of_the_advantages(base):
     assert gain > 0.5, gain
 
 
-FAULTPOINTS = str(Path(__file__).resolve().parent / "faultpoints")
-
-
 def kill_at(point: str, base: RunLayout) -> str:
-    """`RLPIPE_TEST_KILL` for a kill point (tests/faultpoints/sitecustomize.py); the N is chosen to
-    land where the point is interesting: upload in the middle of the second checkpoint's files,
-    train in step 3 (after the first checkpoint), generate in step 2's sampling."""
+    """The kill point spec (tests/kill_points.py); N lands where the point is interesting: upload in
+    the middle of the second checkpoint's files, train in step 3 (after the first checkpoint),
+    generate in step 2's sampling."""
     if point == "upload":
         files = len(read_commit_record(base.checkpoints(STAGE), 2)["files"])
         return f"upload:{files + files // 2}"
     # generate: initial eval (greedy + sampled), step 1, step 2; train: 12 engine steps per step
-    return {"generate": "generate:4", "train": "train:30", "manifest": "manifest:1"}[point]
+    return {"generate": "generate:4", "train": "train:30", "manifest": "manifest:1"}.get(point, point)
 
 
 @pytest.mark.parametrize("point", ["after_commit", "generate", "train", "upload", "manifest"])
@@ -210,28 +206,8 @@ def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path, 
         str(root),
         *sets(from_sft(base, [])),
     ]
-    if point == "after_commit":  # from outside, as soon as the first checkpoint is committed
-        proc = subprocess.Popen(
-            command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.time() + 300
-        while not committed_steps(layout.checkpoints(STAGE)):
-            assert proc.poll() is None, "the stage finished before it could be killed"
-            assert time.time() < deadline, "no checkpoint committed in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    else:  # from inside, at the point itself
-        env = dict(os.environ, RLPIPE_TEST_KILL=kill_at(point, base))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTPOINTS, env.get("PYTHONPATH")]))
-        killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert killed.returncode != 0 and "killed by SIGKILL" in killed.stderr, killed.stderr[-2000:]
-    # what the kill left: no manifest, a committed checkpoint only if it verifies, latest names it
-    assert read_manifest(layout.manifest(STAGE)) is None
-    for step in committed_steps(layout.checkpoints(STAGE)):
-        verify_checkpoint(layout.checkpoints(STAGE), step)
-    committed = committed_steps(layout.checkpoints(STAGE))
-    assert latest_committed_step(layout.checkpoints(STAGE)) == (committed[-1] if committed else None)
+    kill_during(command, layout, STAGE, kill_at(point, base))
+    assert_committed_state_intact(layout, STAGE)
     rerun = rlpipe("stage", STAGE, "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     steps = [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r]
@@ -246,12 +222,6 @@ def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path, 
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
     initial = read_manifest(base.manifest(STAGE)).metrics["initial_heldout_sampled"]
     assert read_manifest(layout.manifest(STAGE)).metrics["initial_heldout_sampled"] == initial
-
-
-def with_fault(variable: str, spec: str) -> dict[str, str]:
-    env = dict(os.environ, **{variable: spec})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTPOINTS, env.get("PYTHONPATH")]))
-    return env
 
 
 @pytest.mark.parametrize(

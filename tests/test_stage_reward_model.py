@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_points import assert_committed_state_intact, kill_during
 from safetensors.torch import load_file
 
 from stages.datasets import preference_pairs_from_problems
@@ -158,23 +157,19 @@ def test_rerun_of_a_complete_stage_is_skipped(finished_run):
     assert layout.manifest("reward_model").read_text() == before
 
 
-def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path):
-    """kill -9 after the first committed checkpoint; the rerun resumes and matches the uninterrupted run."""
+@pytest.mark.parametrize(
+    "point",
+    # 8 steps of 2 micro-batches, checkpoints at 4 and 8: train:11 lands in step 6
+    ["after_commit", "train:11", "manifest:1"],
+)
+def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path, point):
+    """kill -9 at a point of the run; the rerun resumes and matches the uninterrupted run."""
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
     command = [RLPIPE, "stage", "reward_model", "--run-id", "killed", "--storage", str(root), *sets(FAST)]
-    proc = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not committed_steps(layout.checkpoints("reward_model")):
-        assert proc.poll() is None, "the stage finished before it could be killed"
-        assert time.time() < deadline, "no checkpoint committed in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(layout.manifest("reward_model")) is None
-    assert committed_steps(layout.checkpoints("reward_model")) == [4]
+    kill_during(command, layout, "reward_model", point)
+    committed = assert_committed_state_intact(layout, "reward_model")
+    assert committed == ([4, 8] if point.startswith("manifest") else [4])
 
     rerun = rlpipe("stage", "reward_model", "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

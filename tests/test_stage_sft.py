@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_points import assert_committed_state_intact, kill_during
 from safetensors.torch import load_file
 
-from storage.checkpoints import committed_steps
+from storage.checkpoints import committed_steps, read_commit_record
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.manifests import read_manifest
@@ -104,29 +103,30 @@ def test_rerun_of_a_complete_stage_is_skipped_and_force_recomputes(finished_run)
     assert all(torch.equal(weights[name], recomputed[name]) for name in weights)  # same seed, same result
 
 
-def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path):
-    """kill -9 after the first committed checkpoint; the rerun resumes and matches the uninterrupted run."""
+def kill_point(point: str, base_layout: RunLayout) -> str:
+    """8 steps of 2 micro-batches, checkpoints at 4 and 8: train lands in step 6, upload in the
+    middle of step 8's checkpoint, manifest on the publishing rename."""
+    if point == "upload":
+        files = len(read_commit_record(base_layout.checkpoints("sft"), 4)["files"])
+        return f"upload:{files + files // 2}"
+    return {"train": "train:11", "manifest": "manifest:1"}.get(point, point)
+
+
+@pytest.mark.parametrize("point", ["after_commit", "train", "upload", "manifest"])
+def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path, point):
+    """kill -9 at a point of the run; committed state intact; the rerun matches the uninterrupted run."""
     base_layout, _ = finished_run
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
-    # A slow-down between steps makes the kill window wide; it changes no numbers.
     command = [RLPIPE, "stage", "sft", "--run-id", "killed", "--storage", str(root), *sets(FAST)]
-    proc = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not committed_steps(layout.checkpoints("sft")):
-        assert proc.poll() is None, "the stage finished before it could be killed"
-        assert time.time() < deadline, "no checkpoint committed in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(layout.manifest("sft")) is None
-    steps_before = committed_steps(layout.checkpoints("sft"))
+    kill_during(command, layout, "sft", kill_point(point, base_layout))
+    steps_before = assert_committed_state_intact(layout, "sft")
+    expected = {"train": [4], "upload": [4], "manifest": [4, 8]}  # where each point lands
+    assert steps_before == expected.get(point, steps_before) and steps_before
 
     rerun = rlpipe("stage", "sft", "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert steps_before and read_manifest(layout.manifest("sft")) is not None
+    assert read_manifest(layout.manifest("sft")) is not None
     # Metrics of the steps after the resumed checkpoint were replaced, not duplicated.
     steps = [r["step"] for r in read_metrics(layout.metrics("sft")) if "sft/loss" in r]
     assert steps == list(range(1, 9))

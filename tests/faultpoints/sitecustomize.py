@@ -7,7 +7,7 @@ module binds the names; a point never fires in a process that does not reach it.
 `RLPIPE_TEST_KILL=point:N` sends SIGKILL to the process the N-th time it reaches `point`:
 
     generate   each HF generation call (a step's sampling, the held-out evaluation)
-    train      each optimizer step of any engine (`stages.engine.step_engine`)
+    train      each `engine.step()` of any engine built by `stages.engine.build_engine`
     upload     each file upload to storage (the checkpoint protocol uploads its files concurrently)
     manifest   the rename that publishes a manifest.json (its temporary file is fully written)
 
@@ -64,7 +64,17 @@ def _install_kill(point: str, nth: int) -> None:
     elif point == "train":
         from stages import engine
 
-        _wrap(engine, "step_engine", before=kill)
+        def watch_steps(built):
+            step = built.step
+
+            def watched_step(*args, **kwargs):
+                kill()
+                return step(*args, **kwargs)
+
+            built.step = watched_step
+            return built
+
+        _wrap(engine, "build_engine", after=watch_steps)
     elif point == "upload":
         from storage.location import Location
 

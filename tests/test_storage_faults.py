@@ -100,3 +100,35 @@ def test_missing_credentials_fail_at_once_in_one_line(s3_endpoint, monkeypatch):
     with pytest.raises(StorageError, match="no credentials for s3://"):
         Location("s3://nobody/x", endpoint_url=s3_endpoint).read_bytes()
     S3FileSystem.clear_instance_cache()
+
+
+def test_a_stage_completes_on_a_flaky_store(flaky_root):
+    """A whole SFT stage (checkpoints, metrics, export, manifest) through the faulty proxy, in its own process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from storage.checkpoints import committed_steps, verify_checkpoint
+    from storage.layout import RunLayout
+    from storage.manifests import read_manifest
+
+    proxy, root = flaky_root
+    before = dict(proxy.counts)
+    overrides = [
+        "wandb.mode=disabled", "task.train_size=64", "task.heldout_size=8", "generation.max_new_tokens=16",
+        "sft.steps=4", "sft.save_every=2", "sft.optim.micro_batch_size=8", f"storage.endpoint_url={proxy.url}",
+    ]  # fmt: skip
+    rlpipe = str(Path(sys.executable).parent / "rlpipe")
+    proc = subprocess.run(
+        [rlpipe, "stage", "sft", "--run-id", "flaky", "--storage", root.uri,
+         *[arg for item in overrides for arg in ("--set", item)]],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    layout = RunLayout(root, "flaky")
+    assert read_manifest(layout.manifest("sft")) is not None
+    assert committed_steps(layout.checkpoints("sft")) == [2, 4]
+    for step in (2, 4):
+        verify_checkpoint(layout.checkpoints("sft"), step)
+    assert proxy.counts["failed"] - before.get("failed", 0) >= 5, proxy.counts  # the faults hit the stage
+    assert proxy.counts["dropped"] - before.get("dropped", 0) >= 2, proxy.counts

@@ -55,3 +55,17 @@ def assert_committed_state_intact(layout: RunLayout, stage: str) -> list[int]:
         verify_checkpoint(layout.checkpoints(stage), step)
     assert latest_committed_step(layout.checkpoints(stage)) == (committed[-1] if committed else None)
     return committed
+
+
+def kill_in_turn(
+    first_command: list[str], command: list[str], layout: RunLayout, stage: str, points: list[str]
+) -> list[list[int]]:
+    """Kill the stage at each point in turn: the first try runs `first_command`, every later try
+    resumes from what the previous kill left (`command`). Each kill must leave the committed state
+    intact. Returns the committed steps after each kill; the caller reruns to completion and
+    compares with an uninterrupted run."""
+    committed = []
+    for i, point in enumerate(points):
+        kill_during(first_command if i == 0 else command, layout, stage, point)
+        committed.append(assert_committed_state_intact(layout, stage))
+    return committed

@@ -73,6 +73,8 @@ def test_bad_data_stops_the_stage_with_one_line_and_commits_nothing(tmp_path, tr
     layout = RunLayout(Location(str(root)), "bad")
     assert read_manifest(layout.manifest("sft")) is None
     assert committed_steps(layout.checkpoints("sft")) == []
+    # the run's config record (the run the command created) is all there is: no stage output
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["bad", "bad/pipeline.json"]
 
 
 def test_storage_root_through_a_file_is_refused_before_anything_is_written(tmp_path):

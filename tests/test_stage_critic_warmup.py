@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_points import assert_committed_state_intact, kill_during
+from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
 from storage.checkpoints import committed_steps
@@ -155,21 +155,19 @@ def test_rollouts_hold_every_step_once_with_every_column_and_per_token_lengths(b
     assert all(v == 0.0 for r in rows if r["step"] == 1 for v in r["values"])
 
 
-@pytest.mark.parametrize(
-    "point",
-    # 6 steps, checkpoints at 3 and 6; one generation and 16 critic updates per step: both land in step 5
-    ["after_commit", "generate:5", "train:70"],
-)
-def test_kill_and_rerun_resumes_to_the_same_critic_and_rollouts(base, tmp_path, point):
-    """kill -9 at a point of the run; the rerun matches the uninterrupted run bit for bit."""
+def test_killed_at_every_point_in_turn_resumes_to_the_same_critic_and_rollouts(base, tmp_path):
+    """kill -9 after the first commit, then in step 5's generation, then in step 5's critic updates
+    (one generation and 16 updates per step, counted from the resume at step 3); the final rerun
+    matches the uninterrupted run bit for bit."""
     base_layout, _, _ = base
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
     # the same SFT policy, by URI: the killed run needs no SFT of its own
     overrides = [*WARMUP, "sft.enabled=false", f"model.policy={base_layout.final('sft', 'policy')}"]
-    command = [RLPIPE, "stage", STAGE, "--run-id", "killed", "--storage", str(root), *sets(overrides)]
-    kill_during(command, layout, STAGE, point)
-    assert assert_committed_state_intact(layout, STAGE) == [3]
+    command = [RLPIPE, "stage", STAGE, "--run-id", "killed", "--storage", str(root)]
+    points = ["after_commit", "generate:2", "train:20"]
+    committed = kill_in_turn([*command, *sets(overrides)], command, layout, STAGE, points)
+    assert committed == [[3], [3], [3]]
     rerun = rlpipe("stage", STAGE, "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     # every step once, in rollouts and metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_points import assert_committed_state_intact, kill_during, with_fault
+from kill_points import kill_in_turn, with_fault
 from safetensors.torch import load_file
 
 from storage.checkpoints import committed_steps, latest_committed_step, read_commit_record, verify_checkpoint
@@ -179,35 +179,19 @@ def test_update_moves_logprobs_in_the_direction_of_the_advantages(base):
     assert gain > 0.5, gain
 
 
-def kill_at(point: str, base: RunLayout) -> str:
-    """The kill point spec (tests/kill_points.py); N lands where the point is interesting: upload in
-    the middle of the second checkpoint's files, train in step 3 (after the first checkpoint),
-    generate in step 2's sampling."""
-    if point == "upload":
-        files = len(read_commit_record(base.checkpoints(STAGE), 2)["files"])
-        return f"upload:{files + files // 2}"
-    # generate: initial eval (greedy + sampled), step 1, step 2; train: 12 engine steps per step
-    return {"generate": "generate:4", "train": "train:30", "manifest": "manifest:1"}.get(point, point)
-
-
-@pytest.mark.parametrize("point", ["after_commit", "generate", "train", "upload", "manifest"])
-def test_kill_and_rerun_resumes_to_the_same_policy_and_rollouts(base, tmp_path, point):
-    """kill -9 at a point of the run; the committed state is intact, and the rerun matches the
-    uninterrupted run bit for bit with every rollout step and metric step stored once."""
+def test_killed_at_every_point_in_turn_resumes_to_the_same_policy_and_rollouts(base, tmp_path):
+    """kill -9 after the first commit, then (each try resuming the last) in a generation, in an
+    optimizer step, in the middle of step 4's checkpoint upload and on the manifest rename: the
+    committed state is intact after every kill, and the final rerun matches the uninterrupted run
+    bit for bit with every rollout step and metric step stored once."""
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
-    command = [
-        RLPIPE,
-        "stage",
-        STAGE,
-        "--run-id",
-        "killed",
-        "--storage",
-        str(root),
-        *sets(from_sft(base, [])),
-    ]
-    kill_during(command, layout, STAGE, kill_at(point, base))
-    assert_committed_state_intact(layout, STAGE)
+    command = [RLPIPE, "stage", STAGE, "--run-id", "killed", "--storage", str(root)]
+    files = len(read_commit_record(base.checkpoints(STAGE), 2)["files"])
+    # counted from each resume at step 2: 12 engine steps per PPO step, then step 4's checkpoint files
+    points = ["after_commit", "generate:1", "train:5", f"upload:{files // 2}", "manifest:1"]
+    committed = kill_in_turn([*command, *sets(from_sft(base, []))], command, layout, STAGE, points)
+    assert committed == [[2], [2], [2], [2], [2, 4]]  # each kill landed where it was aimed
     rerun = rlpipe("stage", STAGE, "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     steps = [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_points import assert_committed_state_intact, kill_during
+from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
 from stages.datasets import preference_pairs_from_problems
@@ -157,19 +157,15 @@ def test_rerun_of_a_complete_stage_is_skipped(finished_run):
     assert layout.manifest("reward_model").read_text() == before
 
 
-@pytest.mark.parametrize(
-    "point",
-    # 8 steps of 2 micro-batches, checkpoints at 4 and 8: train:11 lands in step 6
-    ["after_commit", "train:11", "manifest:1"],
-)
-def test_kill_and_rerun_resumes_to_the_same_result(finished_run, tmp_path, point):
-    """kill -9 at a point of the run; the rerun resumes and matches the uninterrupted run."""
+def test_killed_at_every_point_in_turn_resumes_to_the_same_result(finished_run, tmp_path):
+    """kill -9 after the first commit, then in an optimizer step (step 6: 2 micro-batches per step,
+    counted from the resume at step 4), then on the manifest rename; the final rerun matches."""
     root = tmp_path / "runs"
     layout = RunLayout(Location(str(root)), "killed")
-    command = [RLPIPE, "stage", "reward_model", "--run-id", "killed", "--storage", str(root), *sets(FAST)]
-    kill_during(command, layout, "reward_model", point)
-    committed = assert_committed_state_intact(layout, "reward_model")
-    assert committed == ([4, 8] if point.startswith("manifest") else [4])
+    command = [RLPIPE, "stage", "reward_model", "--run-id", "killed", "--storage", str(root)]
+    points = ["after_commit", "train:3", "manifest:1"]
+    committed = kill_in_turn([*command, *sets(FAST)], command, layout, "reward_model", points)
+    assert committed == [[4], [4], [4, 8]]
 
     rerun = rlpipe("stage", "reward_model", "--run-id", "killed", "--storage", str(root))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

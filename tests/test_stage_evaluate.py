@@ -258,3 +258,23 @@ def test_default_label_names_the_checkpoint():
     assert default_label("s3://bucket/runs/r1/sft/final/policy/") == "sft-final-policy"
     assert default_label("Qwen/Qwen2.5-0.5B") == "Qwen-Qwen2.5-0.5B"
     assert default_label("tiny") == "tiny"
+
+
+def test_a_killed_evaluation_reruns_to_a_complete_report(tmp_path):
+    """kill -9 in the second checkpoint's generation: no manifest, no half-written report.json; the
+    rerun writes every output. (tests/faultpoints: `generate:3` = "again"'s greedy pass.)"""
+    from kill_points import kill_during
+
+    sets = ["model.policy=tiny", "sft.enabled=false", "ppo.enabled=false", "evaluate.benchmarks=[arith]",
+            "evaluate.limits={arith: 3}", "evaluate.samples=2", "generation.max_new_tokens=8",
+            "evaluate.checkpoints={again: tiny}", "wandb.mode=disabled"]  # fmt: skip
+    command = [RLPIPE, "stage", "evaluate", "--run-id", "k", "--storage", str(tmp_path)]
+    layout = RunLayout(Location(str(tmp_path)), "k")
+    kill_during([*command, *[a for s in sets for a in ("--set", s)]], layout, "evaluate", "generate:3")
+    assert read_manifest(layout.manifest("evaluate")) is None
+    assert not Path(layout.report("again", "json").path).exists()  # report.json is written last
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert read_manifest(layout.manifest("evaluate")) is not None
+    report = check_outputs(layout, "again", ["arith"], samples=2, problems=3)
+    assert list(report["checkpoints"]) == ["initial", "again"]

@@ -154,7 +154,9 @@ def show_config(recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved, validated config of a recipe plus overrides, and its hash."""
     from stages.runs import resolve_config
 
-    config, _ = resolve_config(recipe, set_)
+    config, _ = resolve_config(
+        recipe, set_, check_storage=False
+    )  # prints only: storage need not be reachable
     typer.echo(json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     typer.echo(f"config_hash: {config_hash(config)}")
 

@@ -27,15 +27,20 @@ def resolve_config(
     overrides: list[str] | None = None,
     run_id: str | None = None,
     storage: str | None = None,
+    check_storage: bool = True,
 ) -> tuple[PipelineConfig, bool]:
-    """The config of the run named by the arguments, and whether that run already exists."""
+    """The config of the run named by the arguments, and whether that run already exists.
+
+    `check_storage`: fail (one line) when the storage root is unusable, before anything starts;
+    off for commands that only print the config."""
     location_overrides = [f"storage.root={storage}"] * bool(storage) + [f"run_id={run_id}"] * bool(run_id)
     overrides = list(overrides or []) + location_overrides
     recipe_path = Path(recipe) if recipe else DEFAULT_RECIPE
     recipe_data = load_recipe(recipe_path)
     recipe_data.setdefault("recipe", recipe_path.stem)
     config = validate_config(apply_overrides(recipe_data, overrides, PipelineConfig), PipelineConfig)
-    config.storage.root_location().check_usable()  # before anything starts: one line, nothing written
+    if check_storage:
+        config.storage.root_location().check_usable()  # before anything starts: one line, nothing written
     if config.run_id is None:
         return config.model_copy(update={"run_id": new_run_id(config.recipe)}), False
     try:

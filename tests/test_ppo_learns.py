@@ -1,10 +1,10 @@
 """PPO (critic) and GRPO raise the reward: the CI-sized check of the learning claim.
 
 The full claim (held-out accuracy over the recipe's default steps) is measured by `rlpipe run` on the
-tiny recipe and written down in the closing note; here both estimators train on a fixed set of 16
-arith prompts, where a working update must raise the training accuracy within 40 steps. A sign error,
-a zero gradient, stale generator weights or misaligned logprobs leave it flat (measured with GRPO:
-0.26 over the first 10 steps, 0.58 over steps 31-40).
+tiny recipe and written down in the README; here both estimators train on a fixed set of 16 arith
+prompts from the recipe's SFT policy, where a working update must raise the training accuracy within
+40 steps. A sign error, a zero gradient, stale generator weights or misaligned logprobs leave it flat.
+Measured (2026-12-03): 0.75 over the first 10 steps, 0.93 over steps 31-40, for both GAE and GRPO.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def sets(overrides: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sft_policy(tmp_path_factory):
-    """The tiny recipe's SFT policy (its default 300 steps)."""
+    """The tiny recipe's SFT policy (its default steps)."""
     root = tmp_path_factory.mktemp("runs")
     proc = rlpipe(
         "stage",
@@ -88,4 +88,4 @@ def test_training_accuracy_rises_on_fixed_prompts(sft_policy, tmp_path, estimato
     accuracy = [r["ppo/accuracy"] for r in rows]
     assert len(accuracy) == 40 and all(math.isfinite(r["ppo/policy_loss"]) for r in rows)
     first, last = sum(accuracy[:10]) / 10, sum(accuracy[-10:]) / 10
-    assert last - first > 0.15, (first, last)
+    assert last - first > 0.10, (first, last)

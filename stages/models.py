@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from stages.config import Section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# transformers is imported where a model is loaded, not here: importing it costs about 1.5 s, and
+# every `rlpipe` command imports this module for `ModelConfig` alone (to validate a config).
 
 Tensor = torch.Tensor
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -103,6 +108,8 @@ def load_policy(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The trainable policy (AutoModelForCausalLM), in train mode."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         path, **_load_kwargs(dtype, attn_implementation, trust_remote_code)
     )
@@ -116,6 +123,8 @@ def load_reference(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The frozen reference policy for the KL term: eval mode (no dropout), no gradients."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         path, **_load_kwargs(dtype, attn_implementation, trust_remote_code)
     )
@@ -151,6 +160,8 @@ def load_value_model(
     advantages are the plain (lambda-)returns; the head gets a gradient at once (dL/dw = h != 0),
     the backbone from the second step on.
     """
+    from transformers import AutoModelForSequenceClassification
+
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=1,

@@ -43,3 +43,16 @@ def test_importing_stages_and_storage_loads_no_prefect():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+
+
+def test_validating_a_config_loads_no_transformers():
+    """Every `rlpipe` command validates a config first; that needs the config classes, not the
+    model libraries (transformers is imported where a model is loaded: stages/models.py)."""
+    code = (
+        "import sys\n"
+        "from stages.pipeline_config import load_config\n"
+        "load_config()\n"
+        "assert 'transformers' not in sys.modules\n"
+        "assert 'deepspeed' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)

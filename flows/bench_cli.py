@@ -153,5 +153,11 @@ def bench_ppo_update_command(
             f"  TRL     {trl['sec_per_update']:8.3f} s/update  {trl['resp_tokens_per_s']:9.1f} resp tok/s"
         )
         typer.echo(f"  speedup {result['speedup_vs_trl']:.2f}x (response tokens per second)")
+    typer.echo(f"  floor   {result['update_floor_s']:8.3f} s/update: the update's matrix products alone, padding-free, "
+               f"at the measured peak ({result['update_flop_floor'] / 1e9:.0f} GFLOP)")  # fmt: skip
+    if "trl" in result:
+        typer.echo(
+            f"  ceiling {result['speedup_ceiling_vs_trl']:.2f}x vs TRL for any exact implementation on this machine"
+        )
     if as_json:
         typer.echo(json.dumps(result))

@@ -118,19 +118,26 @@ def run_rlpipe(bench: PPOBench) -> dict[str, Any]:
         config.generation, directory if config.generation.backend == "vllm" else models.policy,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=bench.seed,
     )  # fmt: skip
-    timer, tokens, started = StepTimer(), 0, 0.0
+    timer, tokens, started, train_flops, floor_flops = StepTimer(), 0, 0.0, 0.0, 0.0
     for update, prompts in enumerate(bench_prompts(bench, tokenizer)):
         if update == bench.warmup:
             timer, tokens, started = StepTimer(), 0, time.perf_counter()
+            train_flops = floor_flops = 0.0
         group_ids_B = torch.arange(bench.prompts).repeat_interleave(bench.samples_per_prompt)
         outcome = run_step(
             models, generator, prompts, group_ids_B, config, tokenizer, step=update + 1, rank=0,
             train_policy=True, timer=timer,
         )  # fmt: skip
         tokens += int(outcome.rollout.mask_BT.sum())
+        batch = outcome.rollout.batch
+        response_tokens = batch.response_mask_BT.sum()
+        train_flops += training_flops(
+            models, bench, bench.rows * batch.input_ids_BL.shape[1], response_tokens
+        )
+        floor_flops += update_flops_floor(models, bench, batch.attention_mask_BL.sum(), response_tokens)
     elapsed = time.perf_counter() - started
     seconds = dict(timer.seconds)
-    train_flops = training_flops(models, bench, outcome.rollout.batch.input_ids_BL.shape[1])
+    train_flops, floor_flops = train_flops / bench.updates, floor_flops / bench.updates
     return {
         "impl": "rlpipe",
         "sec_per_update": elapsed / bench.updates,
@@ -138,6 +145,7 @@ def run_rlpipe(bench: PPOBench) -> dict[str, Any]:
         "resp_tokens_per_update": tokens / bench.updates,
         "phases_s_per_update": {name: s / bench.updates for name, s in seconds.items()},
         "train_flop_per_update": train_flops,
+        "update_flop_floor": floor_flops,
         "train_flop_per_s": train_flops * bench.updates / seconds["train"],
     }
 
@@ -148,17 +156,48 @@ def matmul_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.dim() == 2 and id(p) not in embeddings)
 
 
-def training_flops(models, bench: PPOBench, padded_length: int) -> float:
-    """FLOPs of one update's training phase: 6 x matmul params x tokens, per epoch, policy and critic.
+def lm_head_params(model: torch.nn.Module) -> int:
+    """The output projection's size (hidden x vocabulary), tied to the embedding table or not."""
+    return model.get_output_embeddings().weight.numel()
 
-    Tokens are what the forward passes actually see: every row padded to the batch's length (the
-    attention term, small at these lengths, is left out), so this is the useful-plus-padding work.
+
+def matmul_sizes(models) -> tuple[int, int, int]:
+    """(policy trunk, separate critic, LM head) parameters that take part in matrix products.
+
+    Shared mode: the value head rides on the policy (0 for the critic). The LM head is counted on
+    its own: the policy's forwards keep only the logits at the response positions.
     """
-    tokens = bench.rows * padded_length
     policy = matmul_params(models.policy)
-    separate = models.critic is not None and not models.shared  # shared: the value head rides on the policy
-    critic = matmul_params(models.critic.module) if separate else 0
-    return 6.0 * (policy + critic) * tokens * bench.epochs
+    head = lm_head_params(models.policy)
+    if models.policy.get_output_embeddings().weight is not models.policy.get_input_embeddings().weight:
+        policy -= head  # untied: `matmul_params` counted the head; tied, it skipped it with the embedding
+    separate = models.critic is not None and not models.shared
+    return policy, (matmul_params(models.critic.module) if separate else 0), head
+
+
+def training_flops(models, bench: PPOBench, tokens, response_tokens) -> float:
+    """FLOPs of one update's training phase: 6 x matmul params x tokens per epoch, policy and critic,
+    plus the LM head at the response positions.
+
+    `tokens` per epoch: `rows x the batch's padded length` for the work done (an upper bound: each
+    micro-batch is trimmed to its own longest row), or the sum of the real sequence lengths for the
+    floor (padding-free, one forward and backward per row and epoch). The attention term, small at
+    these lengths, is left out.
+    """
+    policy, critic, head = matmul_sizes(models)
+    return 6.0 * ((policy + critic) * float(tokens) + head * float(response_tokens)) * bench.epochs
+
+
+def update_flops_floor(models, bench: PPOBench, tokens, response_tokens) -> float:
+    """The matrix-product FLOPs no exact implementation of this update goes below, for `tokens` real
+    (unpadded) prompt + response tokens, each passing each model once per pass: generation (prefill
+    and decode, logits at the response positions), the rollout's reference (with KL) and critic
+    forwards (the old logprobs come free with generation, as TRL takes them), and training."""
+    policy, critic, head = matmul_sizes(models)
+    generate = 2.0 * (policy * float(tokens) + head * float(response_tokens))
+    reference = generate if models.reference is not None else 0.0  # the same architecture
+    forwards = reference + 2.0 * critic * float(tokens)
+    return generate + forwards + training_flops(models, bench, tokens, response_tokens)
 
 
 def matmul_peak_flops(size: int = 1024, seconds: float = 2.0) -> float:
@@ -246,8 +285,16 @@ def bench_ppo_update(bench: PPOBench, baseline: bool = True) -> dict[str, Any]:
     result |= {k: v for k, v in ours.items() if k != "impl"}
     result["matmul_peak_flop_per_s"] = matmul_peak_flops()
     result["train_flop_fraction_of_peak"] = ours["train_flop_per_s"] / result["matmul_peak_flop_per_s"]
+    # The least time ANY exact implementation of this update needs: its matrix products at their
+    # floor, run at the measured peak, and everything else free.
+    result["update_floor_s"] = ours["update_flop_floor"] / result["matmul_peak_flop_per_s"]
     if baseline:
         trl = run_trl(bench)
         result["trl"] = {k: v for k, v in trl.items() if k != "impl"}
         result["speedup_vs_trl"] = ours["resp_tokens_per_s"] / trl["resp_tokens_per_s"]
+        # the most any implementation could reach against TRL on this machine (same tokens per update)
+        result["speedup_ceiling_vs_trl"] = (
+            trl["sec_per_update"] / result["update_floor_s"]
+            * ours["resp_tokens_per_update"] / trl["resp_tokens_per_update"]
+        )  # fmt: skip
     return result

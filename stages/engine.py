@@ -198,8 +198,8 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig):
     import deepspeed
 
     distributed.init_distributed()
-    # fused: one kernel over every parameter (CPU and CUDA). The default per-parameter loop cost
-    # 8-10 ms per step on the bench model's 3.4M parameters against 2.6 ms fused (BENCHMARKS.md).
+    # fused: one kernel over every parameter (CPU and CUDA). The default loop cost 7.5-9.8 ms per
+    # step on the bench model's 3.4M parameters against 2.2-2.6 ms fused (BENCHMARKS.md).
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True
     )

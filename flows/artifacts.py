@@ -17,7 +17,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from stages.reports import report_table
+from stages.evaluation.report_pages import report_table
 from storage.layout import RunLayout
 from storage.manifests import read_manifest
 from storage.reports import read_report

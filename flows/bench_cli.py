@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_options import EndpointOpt, StorageOpt, storage_root
-from stages.config import ConfigError
+from stages.config.section import ConfigError
 
 bench_app = typer.Typer(
     help="Benchmarks (speed is measured here, never asserted in tests).", no_args_is_help=True
@@ -31,7 +31,7 @@ def bench_gae_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Vectorised compute_gae vs. the per-timestep loop (vectorised over the batch), float32."""
-    from stages.benchmarks import bench_gae
+    from stages.benchmarks.gae import bench_gae
 
     result = bench_gae(batch, length, gamma, lam, alpha, repeats)
     if as_json:
@@ -56,7 +56,7 @@ def bench_storage_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Rollout Parquet and checkpoint throughput (rlpipe vs. pandas / torch.save) under a storage root."""
-    from stages.bench_io import bench_storage
+    from stages.benchmarks.storage_io import bench_storage
 
     result = bench_storage(storage_root(storage, endpoint_url), rows, response_len, checkpoint_mb)
     if as_json:
@@ -82,8 +82,8 @@ def bench_generate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """rlpipe's KV-cache sampler vs. plain `model.generate`: response tokens per second."""
-    from stages.bench_io import bench_generate
-    from stages.bench_ppo import PPOBench, model_dir
+    from stages.benchmarks.generate import bench_generate
+    from stages.benchmarks.ppo_update import PPOBench, model_dir
 
     result = bench_generate(model_dir(PPOBench(model=model)), prompts, max_new_tokens, temperature)
     if as_json:
@@ -125,7 +125,7 @@ def bench_ppo_update_command(
     ] = False,
 ) -> None:
     """Full PPO updates through the ppo stage's own step, and the same workload through TRL's PPOTrainer."""
-    from stages.bench_ppo import PPOBench, bench_config, bench_ppo_update
+    from stages.benchmarks.ppo_update import PPOBench, bench_config, bench_ppo_update
 
     bench = PPOBench(model=model, prompts=prompts, samples_per_prompt=samples_per_prompt,
                      response_length=response_length, epochs=epochs, minibatches=minibatches,

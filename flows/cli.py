@@ -20,7 +20,7 @@ from flows.cli_options import (
     StorageOpt,
     storage_root,
 )
-from stages.config import ConfigError, config_hash
+from stages.config.section import ConfigError, config_hash
 from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
 from storage.location import Location, StorageError
 from storage.manifests import ManifestError, read_manifest, read_pipeline_record, stage_status
@@ -139,11 +139,10 @@ def stage(
 ) -> None:
     """Run or resume one stage of a run (resumes from its last committed checkpoint)."""
     from flows.launcher import run_stage_process
-    from stages.runs import available_stages, open_run, resolve_config
+    from stages.lifecycle.runs import open_run, resolve_config
 
-    if name not in available_stages():
-        known = ", ".join(available_stages()) or "none"
-        raise ConfigError(f"unknown stage '{name}' (available: {known})")
+    if name not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage '{name}' (available: {', '.join(STAGE_NAMES)})")
     config, _ = resolve_config(recipe, set_, run_id=run_id, storage=storage)
     open_run(config)
     run_stage_process(name, config, nproc=nproc, force=force, log_line=typer.echo)
@@ -152,7 +151,7 @@ def stage(
 @app.command("config")
 def show_config(recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved, validated config of a recipe plus overrides, and its hash."""
-    from stages.runs import resolve_config
+    from stages.lifecycle.runs import resolve_config
 
     config, _ = resolve_config(
         recipe, set_, check_storage=False
@@ -226,8 +225,10 @@ def eval_command(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate any checkpoint on benchmarks; writes {run}/evaluate/{label}/report.{json,md,html} and samples."""
-    from stages.evaluate import BENCHMARKS, default_label, evaluate_into_run
-    from stages.runs import resolve_config
+    from flows.params import evaluation_overrides
+    from stages import evaluate
+    from stages.config.evaluation import BENCHMARKS
+    from stages.lifecycle.runs import resolve_config
 
     names = [b.strip() for b in benchmark.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
@@ -235,18 +236,16 @@ def eval_command(
         raise ConfigError(
             f"unknown benchmark {', '.join(unknown) or repr(benchmark)} (known: {', '.join(BENCHMARKS)})"
         )
-    overrides = list(set_ or []) + [f"evaluate.benchmarks=[{','.join(names)}]"]
-    for key, value in (("samples", samples), ("temperature", temperature),
-                       ("max_new_tokens", max_new_tokens), ("limit", limit)):  # fmt: skip
-        if value is not None:
-            overrides.append(f"evaluate.{key}={value}")
-    if limit is not None:
-        overrides.append("evaluate.limits={}")  # --limit applies to every benchmark
+    overrides = list(set_ or []) + evaluation_overrides(names, samples, temperature, max_new_tokens, limit)
     root = storage_root(storage, None)
     run_id = run_id or _run_holding(root, checkpoint) or f"eval-{_timestamp()}"
     config, _ = resolve_config(recipe, overrides, run_id=run_id, storage=storage)
-    report = evaluate_into_run(config, checkpoint, label or default_label(checkpoint))
-    typer.echo(f"run {config.run_id}; report at {report}")
+    label = label or evaluate.default_label(checkpoint)
+    # The evaluate stage's own entry, in this process (`python -m stages.evaluate --checkpoint ...`).
+    evaluate.run(config, checkpoint=checkpoint, label=label)
+    typer.echo(
+        f"run {config.run_id}; report at {RunLayout(config.storage.root_location(), config.run_id).report(label, 'md')}"
+    )
 
 
 def _run_holding(root: Location, uri: str) -> str | None:
@@ -273,7 +272,7 @@ def report(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Compare runs side by side: their evaluation reports and held-out accuracy vs. samples."""
-    from stages.reports import compare_runs
+    from stages.evaluation.comparison import compare_runs
     from storage.layout import comparison
 
     root = storage_root(storage, endpoint_url)
@@ -298,8 +297,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause or fix (one line, exit 1); anything else is a bug and keeps its traceback."""
     launcher = sys.modules.get("flows.launcher")
     stage_failed = launcher.StageFailed if launcher else _LazyStageFailed
-    lifecycle = sys.modules.get("stages.lifecycle")
-    in_process = lifecycle.USER_ERRORS if lifecycle else ()  # `rlpipe eval` runs stage code in-process
+    entry = sys.modules.get("stages.lifecycle.entry")
+    in_process = entry.USER_ERRORS if entry else ()  # `rlpipe eval` runs stage code in-process
     return (
         ConfigError,
         StorageError,

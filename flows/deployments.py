@@ -17,7 +17,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
 from flows.pipeline import GPU_LIMIT, STAGE_FLOWS, evaluate_newest_checkpoint, rlhf_pipeline
-from stages.config import ConfigError
+from stages.config.section import ConfigError
 
 NIGHTLY_CRON = "0 3 * * *"  # the scheduled evaluation: every night at 03:00 (UTC unless the server says)
 TAGS = ["rlpipe"]

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stages.lifecycle import USER_ERROR_EXIT
-from stages.pipeline_config import PipelineConfig
+from stages.config.pipeline import PipelineConfig
+from stages.lifecycle.entry import USER_ERROR_EXIT
 from storage.secrets import redact_text
 
 # A tqdm bar line: "ppo:  12%|##        | 96/800 [00:10<01:30, ...]" (universal newlines turn its \r into lines).
@@ -117,9 +117,12 @@ def _cuda_available() -> bool:
         return False
 
 
-def stage_command(stage: str, config_path: str, nproc: int, force: bool) -> tuple[list[str], dict[str, str]]:
-    """The command line and extra environment that run `stage` with `nproc` ranks."""
-    args = ["--config", config_path] + (["--force"] if force else [])
+def stage_command(
+    stage: str, config_path: str, nproc: int, force: bool, stage_args: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment that run `stage` with `nproc` ranks; `stage_args` are
+    the stage's own options (e.g. evaluate's `--checkpoint URI --label L`)."""
+    args = ["--config", config_path] + (["--force"] if force else []) + list(stage_args or [])
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     if not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
@@ -189,39 +192,6 @@ def _raise_terminated(signum, _frame):
     raise StageTerminated(signum)
 
 
-def eval_command(config: PipelineConfig, checkpoint: str, label: str) -> tuple[list[str], dict[str, str]]:
-    """`rlpipe eval` of one checkpoint into the run, with `config`'s evaluation settings.
-
-    The run exists, so its stored config is the base: the evaluate section is passed whole, as an
-    override, and the storage location as options.
-    """
-    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
-    evaluate = config.evaluate.model_dump_json()
-    command = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "eval",
-        "--run-id",
-        config.run_id,
-        "--checkpoint",
-        checkpoint,
-    ]
-    command += [
-        "--label",
-        label,
-        "--benchmark",
-        ",".join(config.evaluate.benchmarks),
-        "--set",
-        f"evaluate={evaluate}",
-    ]
-    if config.storage.root:
-        command += ["--storage", config.storage.root]
-    if config.storage.endpoint_url:
-        command += ["--set", f"storage.endpoint_url={config.storage.endpoint_url}"]
-    return command, env
-
-
 def _output_lines(proc: subprocess.Popen, deadline: float | None) -> Iterator[str]:
     """The child's output lines until it closes its output or `deadline` (monotonic) passes."""
     lines: queue.Queue[str | None] = queue.Queue()
@@ -252,12 +222,11 @@ def run_stage_process(
     log_line: Callable[[str], None] = print,
     timeout_s: float | None = None,
     cwd: str | None = None,
-    checkpoint: tuple[str, str] | None = None,
+    stage_args: list[str] | None = None,
 ) -> None:
     """Run one stage to completion; raise StageFailed (its last error line) if it fails.
 
-    `checkpoint=(uri, label)` runs `rlpipe eval` of that one checkpoint instead of the evaluate
-    stage. Lines are redacted before they reach `log_line`, so a secret printed by a library never
+    `stage_args`: the stage's own options (`stage_command`). Lines are redacted before they reach `log_line`, so a secret printed by a library never
     lands in the orchestrator's logs. The temporary folder is named after the run, so the run's
     processes can be found (`ps`) while it runs.
     """
@@ -265,10 +234,7 @@ def run_stage_process(
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, "w") as f:
             f.write(config.model_dump_json(indent=2))
-        if checkpoint is None:
-            command, extra_env = stage_command(stage, config_path, nproc, force)
-        else:
-            command, extra_env = eval_command(config, *checkpoint)
+        command, extra_env = stage_command(stage, config_path, nproc, force, stage_args)
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

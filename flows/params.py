@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.evaluate import Benchmark
-from stages.pipeline_config import DEFAULT_RECIPE
-from stages.runs import resolve_config
+from stages.config.evaluation import Benchmark
+from stages.config.pipeline import DEFAULT_RECIPE
+from stages.lifecycle.runs import resolve_config
 from storage.layout import STAGE_NAMES
 
 RECIPES = DEFAULT_RECIPE.parent
@@ -111,13 +111,29 @@ class CheckpointEvalParams(BaseModel):
     timeout_minutes: float | None = Field(None, gt=0, description="Kill the evaluation after this long.")
 
     def eval_overrides(self) -> list[str]:
-        overrides = list(self.overrides)
-        if self.endpoint_url:
-            overrides.append(f"storage.endpoint_url={self.endpoint_url}")
-        if self.benchmarks:
-            overrides.append(f"evaluate.benchmarks=[{','.join(self.benchmarks)}]")
-        if self.samples is not None:
-            overrides.append(f"evaluate.samples={self.samples}")
-        if self.limit is not None:
-            overrides += [f"evaluate.limit={self.limit}", "evaluate.limits={}"]
-        return overrides
+        endpoint = [f"storage.endpoint_url={self.endpoint_url}"] if self.endpoint_url else []
+        return [
+            *self.overrides,
+            *endpoint,
+            *evaluation_overrides(self.benchmarks, self.samples, limit=self.limit),
+        ]
+
+
+def evaluation_overrides(
+    benchmarks: list[str] | None = None,
+    samples: int | None = None,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """The `evaluate.*` overrides that typed evaluation options stand for (None: the run's setting).
+
+    A limit applies to every benchmark, so it also clears the per-benchmark `evaluate.limits`."""
+    overrides = [f"evaluate.benchmarks=[{','.join(benchmarks)}]"] if benchmarks else []
+    for key, value in (("samples", samples), ("temperature", temperature),
+                       ("max_new_tokens", max_new_tokens), ("limit", limit)):  # fmt: skip
+        if value is not None:
+            overrides.append(f"evaluate.{key}={value}")
+    if limit is not None:
+        overrides.append("evaluate.limits={}")
+    return overrides

@@ -25,13 +25,14 @@ from flows.artifacts import (
 )
 from flows.launcher import LineThrottle, StageFailed, progress_of, run_stage_process
 from flows.params import CheckpointEvalParams, PipelineParams, StageParams
-from stages.config import ConfigError, StorageConfig
+from stages.config.pipeline import PipelineConfig
+from stages.config.run import StorageConfig
+from stages.config.section import ConfigError
 from stages.evaluate import checkpoints_to_evaluate
-from stages.lifecycle import stage_is_complete
-from stages.pipeline_config import PipelineConfig
-from stages.runs import open_run, pipeline_stages, resolve_config
+from stages.lifecycle.runs import open_run, resolve_config
+from stages.registry import STAGES, pipeline_stages, stage_is_complete
 from storage.checkpoints import committed_steps
-from storage.layout import STAGE_NAMES, RunLayout, list_run_ids
+from storage.layout import RunLayout, list_run_ids
 from storage.manifests import read_manifest, read_pipeline_record
 from storage.reports import read_report
 
@@ -52,7 +53,7 @@ def launch_stage(
     nproc: int = 1,
     force: bool = False,
     timeout_minutes: float | None = None,
-    checkpoint: tuple[str, str] | None = None,
+    stage_args: list[str] | None = None,
 ) -> None:
     """Run the stage process under a `gpu` slot; its output goes to this task's log (throttled)."""
     logger = get_run_logger()
@@ -68,7 +69,7 @@ def launch_stage(
             force=force and attempt == 1,  # a retry resumes what the first attempt started over
             log_line=lambda line: sink.feed(line, logger.info),
             timeout_s=timeout_minutes * 60 if timeout_minutes else None,
-            checkpoint=checkpoint,
+            stage_args=stage_args,
         )
     sink.finish()
 
@@ -110,7 +111,7 @@ def run_stage_flow(stage: str, params: StageParams) -> str:
         logger.info(f"{stage}: complete for this config and inputs, skipped (force=true reruns it)")
         status = "skipped"
     else:
-        nproc = 1 if stage == "evaluate" else params.nproc  # one process; vLLM spreads a big model
+        nproc = params.nproc if STAGES[stage].ranks else 1  # evaluate: one process; vLLM spreads a big model
         launch_stage.with_options(retries=params.retries, retry_delay_seconds=RETRY_DELAY_S)(
             stage, config, nproc=nproc, force=params.force, timeout_minutes=params.timeout_minutes
         )
@@ -165,7 +166,7 @@ def rlhf_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     config, existed = params.resolve()
     layout = open_run(config)
     logger.info(f"{'reopened' if existed else 'created'} run {config.run_id} at {layout.run}")
-    chosen = [s for s in STAGE_NAMES if s in params.stages] if params.stages else pipeline_stages(config)
+    chosen = [s for s in STAGES if s in params.stages] if params.stages else pipeline_stages(config)
     stage_params = params.model_dump(exclude={"stages", "run_id"}) | {"run_id": config.run_id}
     statuses = {stage: STAGE_FLOWS[stage](StageParams(**stage_params)) for stage in chosen}
     evaluation = read_manifest(layout.manifest("evaluate"))
@@ -221,7 +222,10 @@ def evaluate_newest_checkpoint(params: CheckpointEvalParams = CheckpointEvalPara
     config, _ = resolve_config(None, params.eval_overrides(), run_id=layout.run_id, storage=params.storage)
     logger.info(f"run {layout.run_id}: evaluating {label} ({uri})")
     launch_stage.with_options(retries=1, retry_delay_seconds=RETRY_DELAY_S)(
-        "evaluate", config, timeout_minutes=params.timeout_minutes, checkpoint=(uri, label)
+        "evaluate",
+        config,
+        timeout_minutes=params.timeout_minutes,
+        stage_args=["--checkpoint", uri, "--label", label],
     )
     publish_evaluation_report(layout, label, key="checkpoint-eval-report")
     return result | {"status": "evaluated", "report": str(layout.report(label, "md"))}

@@ -14,98 +14,29 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from stages import distributed
 from stages.algorithms import bradley_terry_loss
-from stages.artifacts import export_model_dir, resolve_model_dir
-from stages.config import Section, non_semantic
-from stages.datasets import (
-    DataError,
-    PreferencePair,
-    preference_pairs_from_hf,
-    preference_pairs_from_problems,
-)
-from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
-from stages.forward import build_token_batch
-from stages.inputs import policy_uri
-from stages.lifecycle import (
-    StageError,
-    StagePlan,
-    begin_stage,
-    check_resumable,
-    finish_stage,
-    make_plan,
-    release_staging_dir,
-    stage_main,
-    staging_dir,
-)
-from stages.models import init_reward_model, reward_model_scores
-from stages.numerics import at_step, require_finite
-from stages.tasks import batch_indices, shard, task_problems
-from stages.tracking import MetricsTracker
+from stages.config.pipeline import PipelineConfig
+from stages.config.training import RewardModelConfig
+from stages.data.preferences import preference_pairs_from_hf, preference_pairs_from_problems
+from stages.data.records import DataError, PreferencePair
+from stages.data.tasks import batch_indices, shard, task_problems
+from stages.lifecycle.contract import StageError, StagePlan, make_plan
+from stages.lifecycle.entry import stage_main
+from stages.lifecycle.inputs import policy_uri
+from stages.lifecycle.training_run import claim_stage, resume_training
+from stages.models.engine import build_engine
+from stages.models.forward import build_token_batch
+from stages.models.loading import init_reward_model, load_options
+from stages.models.sources import resolve_model_dir
+from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.models.value_head import reward_model_scores
+from stages.runtime import distributed
+from stages.runtime.numerics import at_step, require_finite
 
 STAGE = "reward_model"
-DEFAULT_STEPS = (
-    800  # tiny recipe after SFT: held-out pairwise accuracy ~0.93, ~75 s of training on 2 CPU cores
-)
-RM_OPTIM_DEFAULTS = {"lr": 1e-3, "warmup_steps": 10, "micro_batch_size": 32, "schedule": "cosine"}
-
-
-class RewardModelConfig(Section):
-    enabled: bool = Field(
-        True,
-        description="Run reward-model pretraining (needed when the RM scores or initialises the critic).",
-    )
-    init_from: str | None = Field(
-        None,
-        description="Model the RM starts from (backbone; fresh score head). Default: the run's starting policy.",
-    )
-    pairs_from: str = Field(
-        "task",
-        description="Preference pairs: `task` builds them offline from the task's worked solutions (correct vs. "
-        "corrupted answer); otherwise an HF dataset id or local path with prompt/chosen/rejected columns.",
-    )
-    prompt_field: str | None = Field(
-        "prompt", description="HF pairs: prompt column; null when chosen/rejected carry their own prompt."
-    )
-    chosen_field: str = Field("chosen", description="HF pairs: preferred response column.")
-    rejected_field: str = Field("rejected", description="HF pairs: dispreferred response column.")
-    margin_field: str | None = Field(
-        None, description="HF pairs: optional margin column (Llama 2 margin loss)."
-    )
-    train_pairs: int = Field(4000, ge=1, description="Training pairs (at most).")
-    heldout_pairs: int = Field(200, ge=1, description="Held-out pairs for pairwise accuracy.")
-    center_rewards_coef: float = Field(
-        0.0,
-        ge=0,
-        description="Reward centering: adds coef * mean((r_chosen + r_rejected)^2), keeping scores near 0.",
-    )
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Optimizer steps.")
-    save_every: int = non_semantic(
-        200, ge=1, description="Commit a checkpoint every N steps (and at the end)."
-    )
-    keep_last: int = non_semantic(
-        2, ge=1, description="Committed checkpoints kept (the newest is never removed)."
-    )
-    log_every: int = non_semantic(10, ge=1, description="Write metrics every N steps.")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(**RM_OPTIM_DEFAULTS, total_steps=DEFAULT_STEPS),
-        description="Optimizer and DeepSpeed layout; micro_batch_size counts pairs. The cosine schedule "
-        "decays over the stage's `steps`: total_steps is derived from them (a value given is replaced).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cosine_spans_the_steps(cls, data: Any) -> Any:
-        # Derived here, in one place: a stored or default total_steps must not outlive a change of `steps`.
-        optim = data.get("optim", dict(RM_OPTIM_DEFAULTS)) if isinstance(data, dict) else None
-        if isinstance(optim, dict) and optim.get("schedule", RM_OPTIM_DEFAULTS["schedule"]) == "cosine":
-            return {**data, "optim": {**optim, "total_steps": data.get("steps", DEFAULT_STEPS)}}
-        return data
 
 
 @dataclass(frozen=True)
@@ -115,7 +46,7 @@ class EncodedPair:
     margin: float | None
 
 
-def plan(config) -> StagePlan:
+def plan(config: PipelineConfig) -> StagePlan:
     """What the result depends on: the RM section, task, model, seed; inputs: the init model (+ pairs)."""
     rm = config.reward_model
     inputs = {"init": policy_uri(config, rm.init_from)}
@@ -124,32 +55,26 @@ def plan(config) -> StagePlan:
     return make_plan(config, semantic, inputs)
 
 
-def run(config, force: bool = False) -> None:
+def run(config: PipelineConfig, force: bool = False) -> None:
     """The reward-model recipe, top to bottom."""
-    distributed.init_distributed()
-    rank, world = distributed.rank(), distributed.world_size()
     rm = config.reward_model
 
     # 1. Skip if complete for this config and inputs; otherwise claim the stage.
-    inputs = plan(config).inputs
-    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
+    stage_plan = plan(config)
+    ctx = claim_stage(STAGE, config, stage_plan, force)
     if ctx is None:
-        distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return
-    layout = ctx.layout
+    world = ctx.world_size
 
     # 2. Preference pairs as text, first: a bad dataset fails before any model is loaded.
     train_text, heldout_text = _load_pairs(config)
 
     # 3. Model (starting policy's backbone + fresh score head), tokenizer, engine; tokenised pairs.
-    init_dir = resolve_model_dir(inputs["init"], config.tiny_model, ctx.endpoint_url)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(init_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    init_dir = resolve_model_dir(stage_plan.inputs["init"], config.tiny_model, ctx.endpoint_url)
+    tokenizer = load_tokenizer(init_dir, config.model.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
     torch.manual_seed(config.seed)  # the score head's random init
-    m = config.model
-    model = init_reward_model(init_dir, m.dtype, m.attn_implementation, m.trust_remote_code).train()
+    model = init_reward_model(init_dir, **load_options(config.model)).train()
     if model.config.pad_token_id is None:  # transformers' own scoring of the export needs it
         model.config.pad_token_id = pad_id
     engine = build_engine(model, rm.optim)
@@ -158,26 +83,12 @@ def run(config, force: bool = False) -> None:
     distributed.print0(f"{STAGE}: {len(train)} training pairs, {len(heldout)} held-out pairs")
 
     # 4. Resume from the newest committed checkpoint (same config only).
-    staging = staging_dir(ctx)
-    state = load_training_state({"reward_model": engine}, layout.checkpoints(STAGE), staging)
-    if state is not None:
-        check_resumable(ctx, state)
-    start = state["step"] if state else 0
-    last = state["train_metrics"] if state else {}
-    tracker = MetricsTracker(
-        layout.metrics(STAGE),
-        rank=rank,
-        run_id=config.run_id,
-        stage=STAGE,
-        total_steps=rm.steps,
-        start_step=start,
-        wandb_config=config.wandb,
-        config=config.model_dump(mode="json"),
-    )
+    training = resume_training(ctx, {"reward_model": engine}, rm.steps)
+    last = training.state["train_metrics"] if training.state else {}
 
     # 5. Train: Bradley-Terry (+ reward centering) on each global batch of pairs.
-    for step in range(start, rm.steps):
-        indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
+    for step in range(training.start, rm.steps):
+        indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):
             sums = _train_step(engine, [train[i] for i in indices], rm, pad_id)
@@ -185,44 +96,24 @@ def run(config, force: bool = False) -> None:
             loss, correct, gap, n = distributed.all_reduce(sums).tolist()
             last = {"loss": loss / n, "accuracy": correct / n, "margin": gap / n}
             lr = {"lr": engine.get_lr()[0]}
-            tracker.log(done, {f"{STAGE}/{k}": v for k, v in (last | lr).items()})
+            training.tracker.log(done, {f"{STAGE}/{k}": v for k, v in (last | lr).items()})
         if done % rm.save_every == 0 or done == rm.steps:
-            trainer_state = {
-                "config_hash": ctx.config_hash,
-                "data_cursor": done * global_batch,
-                "train_metrics": last,
-            }
-            save_training_state(
-                {"reward_model": engine},
-                trainer_state,
-                layout.checkpoints(STAGE),
-                done,
-                rm.keep_last,
-                staging,
-            )
+            training.save(done, {"data_cursor": done * global_batch, "train_metrics": last}, rm.keep_last)
 
     # 6. Held-out pairwise accuracy and mean scores (reduced over ranks).
     evaluation = _evaluate(engine, heldout, rm.optim.micro_batch_size, pad_id)
-    tracker.log(rm.steps, {f"{STAGE}/{k}": v for k, v in evaluation.items()})
-    tracker.close()
+    training.tracker.log(rm.steps, {f"{STAGE}/{k}": v for k, v in evaluation.items()})
 
     # 7. Export the reward model in HF format, then the manifest (last).
-    final = layout.final(STAGE, "reward_model")
-    if ctx.is_main:
-        export_dir = staging / "export"
-        engine.module.save_pretrained(export_dir, safe_serialization=True)
-        tokenizer.save_pretrained(export_dir)
-        export_model_dir(export_dir, final)
-    distributed.barrier()
+    final = training.export_model("reward_model", engine.module.save_pretrained, tokenizer)
     metrics = {**last, **evaluation, "train_pairs": len(train), "heldout_pairs": len(heldout)}
-    finish_stage(ctx, outputs={"reward_model": str(final)}, metrics=metrics)
-    release_staging_dir(staging)
+    training.finish(outputs={"reward_model": str(final)}, metrics=metrics)
     distributed.print0(
         f"{STAGE}: done; held-out pairwise accuracy {evaluation['heldout_accuracy']:.3f}; reward model at {final}"
     )
 
 
-def _load_pairs(config) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def _load_pairs(config: PipelineConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs: from the task's train/test problems, or from an HF dataset.
 
     A dataset without a `test` split of its own (a .jsonl/.json/.parquet file, a saved `Dataset`, a hub
@@ -295,7 +186,7 @@ def _pair_scores(engine, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.T
     return scores_B[: len(pairs)], scores_B[len(pairs) :]
 
 
-def _train_step(engine, batch: list[EncodedPair], rm, pad_id: int) -> torch.Tensor:
+def _train_step(engine, batch: list[EncodedPair], rm: RewardModelConfig, pad_id: int) -> torch.Tensor:
     """One optimizer step of the pairwise loss, mean over the pairs of the whole global batch.
 
     Loss per pair: -log sigmoid(r_c - r_r - margin) + center_rewards_coef * (r_c + r_r)^2.

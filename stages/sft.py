@@ -11,76 +11,46 @@ from __future__ import annotations
 import sys
 
 import torch
-from pydantic import Field
 
-from stages import distributed
-from stages.accuracy import heldout_accuracy
 from stages.algorithms import aggregate_loss
-from stages.artifacts import export_model_dir, resolve_model_dir
-from stages.config import Section, non_semantic
-from stages.datasets import DataError
-from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state
-from stages.forward import build_token_batch, response_logprobs
-from stages.lifecycle import (
-    StagePlan,
-    begin_stage,
-    check_resumable,
-    finish_stage,
-    make_plan,
-    release_staging_dir,
-    stage_main,
-    staging_dir,
-)
-from stages.models import load_policy
-from stages.numerics import at_step, require_finite
-from stages.tasks import EncodedProblem, batch_indices, check_fits, encode_problems, shard, task_problems
-from stages.tracking import MetricsTracker
+from stages.config.models import OptimConfig
+from stages.config.pipeline import PipelineConfig
+from stages.data.records import DataError
+from stages.data.tasks import EncodedProblem, batch_indices, check_fits, encode_problems, shard, task_problems
+from stages.evaluation.heldout import heldout_accuracy
+from stages.lifecycle.contract import StagePlan, make_plan
+from stages.lifecycle.entry import stage_main
+from stages.lifecycle.training_run import claim_stage, resume_training
+from stages.models.engine import build_engine
+from stages.models.forward import build_token_batch, response_logprobs
+from stages.models.loading import load_options, load_policy
+from stages.models.sources import resolve_model_dir
+from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.runtime import distributed
+from stages.runtime.numerics import at_step, require_finite
 
 STAGE = "sft"
 
 
-class SFTConfig(Section):
-    enabled: bool = Field(
-        True, description="Run the SFT warm start (the tiny recipe needs it: its model starts random)."
-    )
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
-    save_every: int = non_semantic(
-        100, ge=1, description="Commit a checkpoint every N steps (and at the end)."
-    )
-    keep_last: int = non_semantic(
-        2, ge=1, description="Committed checkpoints kept (the newest is never removed)."
-    )
-    log_every: int = non_semantic(10, ge=1, description="Write metrics every N steps.")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, micro_batch_size=32, weight_decay=0.0),
-        description="Optimizer and DeepSpeed layout; global batch = micro_batch_size x grad_accum_steps x ranks.",
-    )
-
-
-def plan(config) -> StagePlan:
+def plan(config: PipelineConfig) -> StagePlan:
     """What the result depends on: the SFT section, the task, the model, the seed; input: the policy."""
     semantic = {"sft": config.sft, "task": config.task, "model": config.model, "seed": config.seed}
     return make_plan(config, semantic, {"policy": config.model.policy})
 
 
-def run(config, force: bool = False) -> None:
+def run(config: PipelineConfig, force: bool = False) -> None:
     """The SFT recipe, top to bottom."""
-    distributed.init_distributed()
-    rank, world = distributed.rank(), distributed.world_size()
     sft = config.sft
 
     # 1. Skip if complete for this config and input; otherwise claim the stage.
-    ctx = begin_stage(STAGE, config, plan(config), force=force, rank=rank, world_size=world)
+    ctx = claim_stage(STAGE, config, plan(config), force)
     if ctx is None:
-        distributed.print0(f"{STAGE}: complete for this config and inputs, skipped (use --force to rerun)")
         return
-    layout = ctx.layout
+    world = ctx.world_size
 
-    # 2. Model and tokenizer (the engine after the data).
+    # 2. Tokenizer (the model after the data).
     policy_dir = resolve_model_dir(config.model.policy, config.tiny_model, ctx.endpoint_url)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    tokenizer = load_tokenizer(policy_dir, config.model.trust_remote_code)
 
     # 3. Data (before the engine, so bad data fails in seconds): train problems with worked
     #    solutions; held-out problems for accuracy.
@@ -91,65 +61,34 @@ def run(config, force: bool = False) -> None:
     check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train", with_solution=True)
     check_fits(heldout, tokenizer, config.generation.max_new_tokens, f"{STAGE} held-out")
 
-    # 4. Engine.
+    # 4. Engine, then resume from the newest committed checkpoint (same config only).
     torch.manual_seed(config.seed)
-    engine = build_engine(load_policy(policy_dir, config.model.dtype), sft.optim)
+    engine = build_engine(load_policy(policy_dir, **load_options(config.model)), sft.optim)
     global_batch = sft.optim.micro_batch_size * sft.optim.grad_accum_steps * world
+    training = resume_training(ctx, {"policy": engine}, sft.steps)
+    last_loss = training.state.get("loss", float("nan")) if training.state else float("nan")
 
-    # 5. Resume from the newest committed checkpoint (same config only).
-    staging = staging_dir(ctx)
-    state = load_training_state({"policy": engine}, layout.checkpoints(STAGE), staging)
-    if state is not None:
-        check_resumable(ctx, state)
-    start = state["step"] if state else 0
-    last_loss = state.get("loss", float("nan")) if state else float("nan")
-    tracker = MetricsTracker(
-        layout.metrics(STAGE),
-        rank=rank,
-        run_id=config.run_id,
-        stage=STAGE,
-        total_steps=sft.steps,
-        start_step=start,
-        wandb_config=config.wandb,
-        config=config.model_dump(mode="json"),
-    )
-
-    # 6. Train.
-    for step in range(start, sft.steps):
-        indices = shard(batch_indices(len(train), global_batch, step, config.seed), rank, world)
+    # 5. Train.
+    for step in range(training.start, sft.steps):
+        indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):
-            loss = _train_step(engine, [train[i] for i in indices], sft.optim, tokenizer.pad_token_id)
+            loss = _train_step(engine, [train[i] for i in indices], sft.optim, pad_token_id(tokenizer))
         last_loss = distributed.all_reduce(loss.detach().clone(), "mean").item()
         if done % sft.log_every == 0 or done == sft.steps:
-            tracker.log(done, {"sft/loss": last_loss, "sft/lr": engine.get_lr()[0]})
+            training.tracker.log(done, {"sft/loss": last_loss, "sft/lr": engine.get_lr()[0]})
         if done % sft.save_every == 0 or done == sft.steps:
             # The last loss travels with the checkpoint: a rerun resumed at the end still reports it.
-            trainer_state = {
-                "config_hash": ctx.config_hash,
-                "data_cursor": done * global_batch,
-                "loss": last_loss,
-            }
-            save_training_state(
-                {"policy": engine}, trainer_state, layout.checkpoints(STAGE), done, sft.keep_last, staging
-            )
+            training.save(done, {"data_cursor": done * global_batch, "loss": last_loss}, sft.keep_last)
 
-    # 7. Held-out accuracy, greedy and sampled.
+    # 6. Held-out accuracy, greedy and sampled.
     accuracy = heldout_accuracy(engine.module, tokenizer, heldout, config.generation, config.seed)
-    tracker.log(sft.steps, {f"sft/heldout_{k}": v for k, v in accuracy.items()})
-    tracker.close()
+    training.tracker.log(sft.steps, {f"sft/heldout_{k}": v for k, v in accuracy.items()})
 
-    # 8. Export the policy in HF format, then the manifest (last).
-    final = layout.final(STAGE, "policy")
-    if ctx.is_main:
-        export_dir = staging / "export"
-        engine.module.save_pretrained(export_dir, safe_serialization=True)
-        tokenizer.save_pretrained(export_dir)
-        export_model_dir(export_dir, final)
-    distributed.barrier()
+    # 7. Export the policy in HF format, then the manifest (last).
+    final = training.export_model("policy", engine.module.save_pretrained, tokenizer)
     metrics = {"loss": last_loss, **{f"heldout_{k}": v for k, v in accuracy.items()}}
-    finish_stage(ctx, outputs={"policy": str(final)}, metrics=metrics)
-    release_staging_dir(staging)
+    training.finish(outputs={"policy": str(final)}, metrics=metrics)
     distributed.print0(
         f"{STAGE}: done; held-out greedy {accuracy['greedy']:.3f}, sampled {accuracy['sampled']:.3f}; policy at {final}"
     )

@@ -177,26 +177,6 @@ def read_commit_record(checkpoints: Location, step: int) -> dict:
 
 
 # ---- reading -------------------------------------------------------------------------------
-def verify_checkpoint(checkpoints: Location, step: int, *, max_workers: int = 8) -> None:
-    """Re-hash every stored file of `step` against COMMITTED; raise CorruptCheckpointError on any difference."""
-    step_loc = checkpoints / step_dir_name(step)
-    files = read_commit_record(checkpoints, step)["files"]
-
-    def check(relpath: str) -> None:
-        loc = step_loc / relpath
-
-        def read_and_hash() -> dict:
-            with loc.fs.open(loc.path, "rb") as f:
-                return _hash_stream(f)
-
-        try:
-            actual = loc.retrying("read", read_and_hash)
-        except FileNotFoundError:
-            raise _corrupt(step_loc, relpath, "is missing") from None
-        _compare(step_loc, relpath, files[relpath], actual)
-
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        list(pool.map(check, sorted(files)))
 
 
 def download_checkpoint(
@@ -230,11 +210,6 @@ def download_checkpoint(
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         list(pool.map(fetch, sorted(files)))
     return local_dir
-
-
-def newest_intact_step(checkpoints: Location, *, max_workers: int = 8) -> int | None:
-    """The newest committed step whose stored files verify (see `restore_latest` for the order tried)."""
-    return _first_intact(checkpoints, lambda s: verify_checkpoint(checkpoints, s, max_workers=max_workers))
 
 
 def restore_latest(

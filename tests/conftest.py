@@ -15,6 +15,17 @@ import pytest
 from storage.location import Location
 
 
+def verify_committed(checkpoints: Location, step: int) -> None:
+    """Raise CorruptCheckpointError unless every file COMMITTED lists for `step` is there, intact
+    (download_checkpoint re-hashes each one into a throwaway folder)."""
+    import tempfile
+
+    from storage.checkpoints import download_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        download_checkpoint(checkpoints, step, folder)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

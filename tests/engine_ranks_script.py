@@ -27,8 +27,9 @@ import torch  # noqa: E402
 from conftest import TINY_VOCAB, make_tiny_qwen2  # noqa: E402  (tests/ is this script's folder)
 from safetensors.torch import save_file  # noqa: E402
 
-from stages import distributed  # noqa: E402
-from stages.engine import OptimConfig, build_engine, load_training_state, save_training_state  # noqa: E402
+from stages.config.models import OptimConfig  # noqa: E402
+from stages.models.engine import build_engine, load_training_state, save_training_state  # noqa: E402
+from stages.runtime import distributed  # noqa: E402
 from storage.location import Location  # noqa: E402
 
 

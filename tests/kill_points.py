@@ -13,7 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from storage.checkpoints import committed_steps, latest_committed_step, verify_checkpoint
+from conftest import verify_committed
+
+from storage.checkpoints import committed_steps, latest_committed_step
 from storage.layout import RunLayout
 from storage.manifests import read_manifest
 
@@ -52,7 +54,7 @@ def assert_committed_state_intact(layout: RunLayout, stage: str) -> list[int]:
     assert read_manifest(layout.manifest(stage)) is None
     committed = committed_steps(layout.checkpoints(stage))
     for step in committed:
-        verify_checkpoint(layout.checkpoints(stage), step)
+        verify_committed(layout.checkpoints(stage), step)
     assert latest_committed_step(layout.checkpoints(stage)) == (committed[-1] if committed else None)
     return committed
 

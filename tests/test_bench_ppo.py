@@ -71,7 +71,7 @@ def test_training_flops_count_every_matrix_product_by_hand():
 
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-    from stages.bench_ppo import PPOBench, training_flops, update_flops_floor
+    from stages.benchmarks.ppo_update import PPOBench, training_flops, update_flops_floor
 
     config = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, num_labels=1)  # fmt: skip

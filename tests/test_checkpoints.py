@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import verify_committed
 
 from storage.checkpoints import (
     COMMITTED,
@@ -23,10 +24,8 @@ from storage.checkpoints import (
     committed_steps,
     download_checkpoint,
     latest_committed_step,
-    newest_intact_step,
     read_commit_record,
     restore_latest,
-    verify_checkpoint,
 )
 from storage.location import Location
 
@@ -83,7 +82,7 @@ def test_commit_list_latest_download_round_trip(ckpts, tmp_path):
     assert record["step"] == 40 and record["created"].endswith("+00:00")
     assert record["files"]["rank_0/optim.pt"]["size"] == 1500
     assert set(record["files"]) == set(second)
-    verify_checkpoint(ckpts, 40)
+    verify_committed(ckpts, 40)
 
     out = download_checkpoint(ckpts, 20, tmp_path / "restored")
     assert out == tmp_path / "restored"
@@ -139,7 +138,7 @@ def test_retention_keeps_newest_and_recommit_is_consistent(ckpts, tmp_path):
     assert committed_steps(ckpts) == [3, 4] and latest_committed_step(ckpts) == 4
     assert (ckpts / "step_000004").walk_files() == sorted([*new, COMMITTED])
     assert set(read_commit_record(ckpts, 4)["files"]) == set(new)
-    verify_checkpoint(ckpts, 4)
+    verify_committed(ckpts, 4)
     assert read_tree(download_checkpoint(ckpts, 4, tmp_path / "dl")) == new
 
     # keep_last=1 never removes the one just committed.
@@ -213,7 +212,7 @@ def test_sigkill_during_upload_leaves_previous_checkpoint_committed(ckpts, tmp_p
     assert committed_steps(ckpts) == [1]
     assert (ckpts / LATEST).read_text() == "step_000001"
     assert latest_committed_step(ckpts) == 1
-    verify_checkpoint(ckpts, 1)
+    verify_committed(ckpts, 1)
 
     # The next commit removes the crashed upload.
     commit(tmp_path, ckpts, 3)
@@ -246,7 +245,7 @@ def test_crash_while_recommitting_never_leaves_old_marker_over_new_files(ckpts, 
     assert latest_committed_step(ckpts) == 1
     commit(tmp_path, ckpts, 2, seed=5)  # the retry succeeds
     assert committed_steps(ckpts) == [1, 2] and latest_committed_step(ckpts) == 2
-    verify_checkpoint(ckpts, 2)
+    verify_committed(ckpts, 2)
 
 
 def test_crash_before_marker_leaves_latest_untouched(ckpts, tmp_path, monkeypatch):
@@ -284,14 +283,13 @@ def test_corrupt_shard_is_detected_and_resume_falls_back(ckpts, tmp_path, caplog
     corrupt(ckpts, 2, "rank_0/optim.pt", how)
 
     with pytest.raises(CorruptCheckpointError, match=f"step_000002: file {message}"):
-        verify_checkpoint(ckpts, 2)
+        verify_committed(ckpts, 2)
     with pytest.raises(CorruptCheckpointError, match=f"step_000002: file {message}"):
         download_checkpoint(ckpts, 2, tmp_path / "dl")
     assert not (tmp_path / "dl" / "rank_0" / "optim.pt").exists()  # bad local copy removed
-    verify_checkpoint(ckpts, 1)
+    verify_committed(ckpts, 1)
 
     with caplog.at_level(logging.WARNING, logger="storage.checkpoints"):
-        assert newest_intact_step(ckpts) == 1
         step, path = restore_latest(ckpts, tmp_path / "resume")
     assert step == 1 and path == tmp_path / "resume" / "step_000001"
     assert read_tree(path) == first
@@ -301,13 +299,10 @@ def test_corrupt_shard_is_detected_and_resume_falls_back(ckpts, tmp_path, caplog
     corrupt(ckpts, 1, "model.safetensors", "flip")
     with pytest.raises(CorruptCheckpointError, match=r"no intact committed checkpoint .* \[2, 1\]"):
         restore_latest(ckpts, tmp_path / "resume2")
-    with pytest.raises(CorruptCheckpointError):
-        newest_intact_step(ckpts)
 
 
 def test_restore_with_nothing_committed_returns_none(ckpts, tmp_path):
     assert restore_latest(ckpts, tmp_path / "resume") is None
-    assert newest_intact_step(ckpts) is None
 
 
 def test_unreadable_marker_and_bad_paths_are_corrupt(ckpts, tmp_path):
@@ -317,7 +312,7 @@ def test_unreadable_marker_and_bad_paths_are_corrupt(ckpts, tmp_path):
 
     marker.write_text("{not json")
     with pytest.raises(CorruptCheckpointError, match="COMMITTED"):
-        verify_checkpoint(ckpts, 1)
+        verify_committed(ckpts, 1)
 
     record["files"]["../../escape"] = {"sha256": "0" * 64, "size": 1}
     marker.write_text(json.dumps(record))

@@ -7,9 +7,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from stages.config import ConfigError, config_hash, parse_override
-from stages.pipeline_config import PipelineConfig, load_config
-from stages.runs import open_run, resolve_config
+from stages.config.overrides import parse_override
+from stages.config.pipeline import PipelineConfig, load_config
+from stages.config.section import ConfigError, config_hash
+from stages.lifecycle.runs import open_run, resolve_config
 
 
 def write_recipe(tmp_path, text: str):

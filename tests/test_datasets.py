@@ -9,21 +9,13 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from stages import datasets as ds
-from stages.datasets import (
-    DATA_DIR_ENV,
-    ArithDifficulty,
-    DataError,
-    PreferencePair,
-    Problem,
-    arith_problems,
-    arith_split,
-    format_prompt,
-    load_problems,
-    preference_pairs_from_hf,
-    preference_pairs_from_problems,
-)
-from stages.rewards import grade
+from stages.config.task import ArithDifficulty
+from stages.data import arith, preferences, problems
+from stages.data.arith import arith_problems, arith_split
+from stages.data.grading import grade
+from stages.data.preferences import preference_pairs_from_hf, preference_pairs_from_problems
+from stages.data.problems import DATA_DIR_ENV, format_prompt, load_problems
+from stages.data.records import DataError, PreferencePair, Problem
 
 ALL_OPS = ArithDifficulty(min_ops=1, max_ops=3, max_operand=12, operations=("+", "-", "*", "/"))
 
@@ -88,7 +80,7 @@ def test_arith_split_is_about_a_fifth_test_and_ignores_case_and_spacing():
     train = arith_problems("train", 500, seed=0)
     assert all(arith_split("  " + p.question.upper().replace(" ", "   ")) == "train" for p in train)
     # the generator's raw stream is split ~80/20 by the hash
-    texts = [ds._sample_arith(random.Random(i), ALL_OPS)[0] for i in range(2000)]
+    texts = [arith._sample_arith(random.Random(i), ALL_OPS)[0] for i in range(2000)]
     share = sum(arith_split(t) == "test" for t in texts) / len(texts)
     assert 0.16 < share < 0.24
 
@@ -261,7 +253,7 @@ def test_prompts_per_dataset():
     assert format_prompt(math, "Q: {question} A:") == "Q: What is $x$ if $x^{2}=4$ and x>0? A:"
     with pytest.raises(DataError, match="neither a known name"):
         format_prompt(math, "no placeholder")
-    assert set(ds.PROMPT_TEMPLATES) == set(ds.DATASET_NAMES)
+    assert set(problems.PROMPT_TEMPLATES) == set(problems.DATASET_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +284,10 @@ def test_propagated_step_error_by_hand():
     """3 + 4 = 7, 7 * 2 = 14, 14 - 5 = 9: exactly one result is wrong, every later step starts from
     the wrong amount and is itself computed right, so the final answer is wrong."""
     solution = "3 + 4 = 7\n7 * 2 = 14\n14 - 5 = 9\n#### 9"
-    steps = [ds._STEP_LINE.match(line) for line in solution.split("\n")[:-1]]
+    steps = [preferences._STEP_LINE.match(line) for line in solution.split("\n")[:-1]]
     corrupted_at = set()
     for seed in range(30):
-        lines = ds._corrupt_step(steps, random.Random(seed)).split("\n")
+        lines = preferences._corrupt_step(steps, random.Random(seed)).split("\n")
         parsed = [re.fullmatch(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)", line).groups() for line in lines[:-1]]
         assert [(op, b) for _, op, b, _ in parsed] == [("+", "4"), ("*", "2"), ("-", "5")]
         assert parsed[0][0] == "3"

@@ -8,7 +8,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from stages.diagnostics import LENGTH_BINS, scalar_metrics, value_diagnostics, value_diagnostics_from_rollouts
+from stages.critic.diagnostics import (
+    LENGTH_BINS,
+    scalar_metrics,
+    value_diagnostics,
+    value_diagnostics_from_rollouts,
+)
 
 NAN = float("nan")
 # Row 0 (correct): 4 tokens, values 1..4. Row 1 (incorrect): 2 tokens, values 5, 6; padding holds NaN.

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.distributed import shm_op_build_dir
+from stages.runtime.distributed import shm_op_build_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-INIT = "from stages import distributed; distributed.init_distributed(); print('INITIALISED')"
+INIT = "from stages.runtime import distributed; distributed.init_distributed(); print('INITIALISED')"
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

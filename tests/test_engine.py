@@ -25,8 +25,8 @@ from conftest import free_port
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from stages.engine import (
-    OptimConfig,
+from stages.config.models import OptimConfig
+from stages.models.engine import (
     deepspeed_config,
     load_training_state,
     lr_factor,
@@ -289,7 +289,7 @@ class _EngineStandIn:
 
 
 def test_step_engine_reports_the_gradient_norm_of_an_update():
-    from stages.engine import step_engine
+    from stages.models.engine import step_engine
 
     plain = _EngineStandIn([3.0, 4.0])
     assert step_engine(plain) == pytest.approx(5.0, rel=1e-7) and plain.steps == 1  # fp32 ZeRO-0: from grads

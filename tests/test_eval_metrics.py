@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from stages.eval_metrics import k_values, majority_answer, mean_maj_at_k, mean_pass_at_k, pass_at_k
-from stages.evaluate import benchmark_metrics
+from stages.evaluation.checkpoint import benchmark_metrics
+from stages.evaluation.metrics import k_values, majority_answer, mean_maj_at_k, mean_pass_at_k, pass_at_k
 
 
 def test_k_values_are_powers_of_two_up_to_n():

@@ -191,7 +191,7 @@ def test_scheduled_evaluation_evaluates_the_newest_ppo_checkpoint_once(pipeline_
 
 def test_invalid_parameters_fail_before_any_stage_starts(prefect_api, tmp_path):
     from flows.pipeline import rlhf_pipeline
-    from stages.config import ConfigError
+    from stages.config.section import ConfigError
 
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
         rlhf_pipeline(PipelineParams(run_id="bad", storage=str(tmp_path), overrides=["nope.key=1"]))
@@ -311,7 +311,7 @@ def test_deploy_registers_every_deployment_with_a_kubernetes_work_pool(prefect_a
     pool = f"gpu-{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="kubernetes", base_job_template=template))
-    from stages.config import ConfigError
+    from stages.config.section import ConfigError
 
     with pytest.raises(ConfigError, match="work pool 'no-such-pool' not found"):
         deploy_to_work_pool("no-such-pool", gpu_slots=1)

@@ -1,7 +1,7 @@
-"""Training forwards: token layout, the logprob/value position shift, temperature, packing, micro-batching.
+"""Training forwards: token layout, the logprob/value position shift, temperature, micro-batching.
 
 The references are computed one sequence at a time, unpadded, with a Python loop: an
-off-by-one in the alignment, a padding leak or a packing leak changes the numbers.
+off-by-one in the alignment or a padding leak changes the numbers.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ import torch
 from conftest import TINY_PAD_ID, make_tiny_qwen2
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-from stages.forward import (
+from stages.models.forward import (
     build_token_batch,
-    pack_batch,
-    padding_fraction,
     response_logprobs,
     response_values,
 )
-from stages.models import PolicyWithValueHead, per_position_values
+from stages.models.value_head import PolicyWithValueHead, per_position_values
 
 # Prompt lengths vary (1..9) so a one-position shift reads a different token in every row;
-# lengths differ a lot (2..33 tokens) so packing and padding really differ. One empty response.
+# lengths differ a lot (2..33 tokens) so most of the batch is padding. One empty response.
 PROMPTS = [[3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [20, 21], [30, 31, 32, 33]]
 RESPONSES = [
     [40, 41, 1],
@@ -93,7 +91,7 @@ def critic():
 # ---------------------------------------------------------------------------------------------
 # layout
 # ---------------------------------------------------------------------------------------------
-def test_build_token_batch_layout_and_padding_fraction():
+def test_build_token_batch_layout():
     b = build_token_batch([[5, 6], [7]], [[8, 9, 1], [10]], pad_id=0)
     assert torch.equal(b.input_ids_BL, torch.tensor([[5, 6, 8, 9, 1], [7, 10, 0, 0, 0]]))
     assert torch.equal(
@@ -109,35 +107,8 @@ def test_build_token_batch_layout_and_padding_fraction():
     assert torch.equal(b.logit_positions_BT[0], torch.tensor([1, 2, 3])) and torch.equal(
         b.logit_positions_BT[1], torch.tensor([0, 1, 1])
     )
-    # 10 slots, 5 + 2 = 7 real tokens -> 3 / 10 padding
-    assert padding_fraction(b) == pytest.approx(0.3, abs=1e-12)
     with pytest.raises(ValueError, match="at least one token"):
         build_token_batch([[]], [[1]], pad_id=0)
-
-
-def test_pack_batch_layout_by_hand():
-    b = build_token_batch([[5, 6], [7], [8, 9]], [[11, 1], [12], [13, 14, 1]], pad_id=0)  # lengths 4, 2, 5
-    one = pack_batch(b)
-    assert torch.equal(one.input_ids_RN, torch.tensor([[5, 6, 11, 1, 7, 12, 8, 9, 13, 14, 1]]))
-    assert torch.equal(one.position_ids_RN, torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4]]))
-    assert torch.equal(one.segment_ids_RN, torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2]]))
-    assert torch.equal(one.offset_B, torch.tensor([0, 4, 6])) and one.padding_fraction == 0.0
-    # budget 6: [seq0 seq1] [seq2 + 1 pad]; the pad is its own segment (B + row = 3 + 1) with positions from 0
-    two = pack_batch(b, max_tokens_per_row=6)
-    assert torch.equal(two.input_ids_RN, torch.tensor([[5, 6, 11, 1, 7, 12], [8, 9, 13, 14, 1, 0]]))
-    assert torch.equal(two.position_ids_RN, torch.tensor([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 0]]))
-    assert torch.equal(two.segment_ids_RN, torch.tensor([[0, 0, 0, 0, 1, 1], [2, 2, 2, 2, 2, 4]]))
-    assert torch.equal(two.row_B, torch.tensor([0, 0, 1])) and torch.equal(
-        two.offset_B, torch.tensor([0, 4, 0])
-    )
-    assert two.padding_fraction == pytest.approx(1 / 12)
-    # mask of row 0: causal inside [0..3] and inside [4..5], nothing across
-    allowed = two.attention_mask_4d(torch.float32)[0, 0] == 0
-    expected = torch.zeros(6, 6, dtype=torch.bool)
-    expected[:4, :4] = torch.ones(4, 4).tril().bool()
-    expected[4:, 4:] = torch.ones(2, 2).tril().bool()
-    assert torch.equal(allowed, expected)
-    assert two.attention_mask_4d(torch.bfloat16).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,44 +193,11 @@ def test_value_of_token_t_is_read_before_token_t(batch):
 
 
 # ---------------------------------------------------------------------------------------------
-# packing, micro-batching, padding invariance
+# micro-batching, padding invariance
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("max_tokens_per_row", [None, 24])
-def test_packed_equals_padded(policy, critic, batch, max_tokens_per_row):
-    with torch.no_grad():
-        padded_lp, padded_ent = response_logprobs(policy, batch, temperature=0.9, with_entropy=True)
-        packed_lp, packed_ent = response_logprobs(
-            policy,
-            batch,
-            temperature=0.9,
-            with_entropy=True,
-            packed=True,
-            max_tokens_per_row=max_tokens_per_row,
-        )
-        padded_v = response_values(critic, batch)
-        packed_v = response_values(critic, batch, packed=True, max_tokens_per_row=max_tokens_per_row)
-    torch.testing.assert_close(packed_lp, padded_lp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed_ent, padded_ent, atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed_v, padded_v, atol=1e-5, rtol=0)
-    assert padding_fraction(batch) > 0.5  # the batch really is padding-heavy
-    if max_tokens_per_row is not None:  # lengths 6, 33, 11, 2, 10 -> rows [6] [33] [11 2 10]
-        assert torch.equal(pack_batch(batch, max_tokens_per_row).row_B, torch.tensor([0, 1, 2, 2, 2]))
-
-
-def test_packed_equals_padded_for_shared_critic(policy, batch):
-    shared = PolicyWithValueHead(make_tiny_qwen2(seed=0)).eval()
-    torch.manual_seed(5)
-    torch.nn.init.normal_(shared.value_head.weight)
-    with torch.no_grad():
-        padded = response_values(shared, batch)
-        packed = response_values(shared, batch, packed=True)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
-    assert torch.count_nonzero(padded[batch.response_mask_BT]) == int(batch.response_mask_BT.sum())
-
-
 @pytest.mark.parametrize("micro_batch_size", [None, 2])
 def test_one_shared_forward_gives_the_logprobs_and_values_of_two(batch, micro_batch_size):
-    from stages.forward import response_logprobs_and_values
+    from stages.models.forward import response_logprobs_and_values
 
     shared = PolicyWithValueHead(make_tiny_qwen2(seed=0)).eval()
     torch.manual_seed(5)
@@ -281,33 +219,13 @@ def test_one_shared_forward_gives_the_logprobs_and_values_of_two(batch, micro_ba
     )
 
 
-def test_position_id_packing_detection_agrees_with_the_block_mask(policy, batch):
-    """The flash-attention path passes no mask and relies on transformers splitting on restarting position ids.
-
-    transformers 5 only detects packing when there is no cache: with the default `use_cache=True`
-    the sequences silently attend across boundaries (checked below), hence `use_cache=False` in
-    every training forward.
-    """
-    pb = pack_batch(batch)
-    ids, positions = pb.input_ids_RN, pb.position_ids_RN
-    with torch.no_grad():
-        with_mask = policy(ids, attention_mask=pb.attention_mask_4d(torch.float32), position_ids=positions)
-        detected = policy(ids, attention_mask=None, position_ids=positions, use_cache=False)
-        with_cache = policy(ids, attention_mask=None, position_ids=positions, use_cache=True)
-    torch.testing.assert_close(detected.logits, with_mask.logits, atol=1e-5, rtol=0)
-    assert (with_cache.logits - with_mask.logits).abs().max() > 1e-3
-
-
 @pytest.mark.parametrize("micro_batch_size", [1, 2])
-@pytest.mark.parametrize("packed", [False, True])
-def test_micro_batches_equal_one_batch(policy, critic, batch, micro_batch_size, packed):
+def test_micro_batches_equal_one_batch(policy, critic, batch, micro_batch_size):
     with torch.no_grad():
         full_lp, full_ent = response_logprobs(policy, batch, with_entropy=True)
         full_v = response_values(critic, batch)
-        mb_lp, mb_ent = response_logprobs(
-            policy, batch, micro_batch_size=micro_batch_size, with_entropy=True, packed=packed
-        )
-        mb_v = response_values(critic, batch, micro_batch_size=micro_batch_size, packed=packed)
+        mb_lp, mb_ent = response_logprobs(policy, batch, micro_batch_size=micro_batch_size, with_entropy=True)
+        mb_v = response_values(critic, batch, micro_batch_size=micro_batch_size)
     torch.testing.assert_close(mb_lp, full_lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(mb_ent, full_ent, atol=1e-5, rtol=0)
     torch.testing.assert_close(mb_v, full_v, atol=1e-5, rtol=0)
@@ -327,7 +245,7 @@ def test_padding_content_is_ignored_and_gradients_flow(policy, critic, batch):
         )
 
     trainable = make_tiny_qwen2(seed=0).train()
-    logprobs_BT, _ = response_logprobs(trainable, batch, packed=True)
+    logprobs_BT, _ = response_logprobs(trainable, batch)
     logprobs_BT[batch.response_mask_BT].sum().backward()
     grad = trainable.model.embed_tokens.weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -347,9 +265,8 @@ class _NoLogitsToKeep(torch.nn.Module):
         )
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_models_without_logits_to_keep_give_the_same_logprobs(policy, batch, packed):
+def test_models_without_logits_to_keep_give_the_same_logprobs(policy, batch):
     with torch.no_grad():
-        kept, _ = response_logprobs(policy, batch, packed=packed)
-        full, _ = response_logprobs(_NoLogitsToKeep(policy), batch, packed=packed)
+        kept, _ = response_logprobs(policy, batch)
+        full, _ = response_logprobs(_NoLogitsToKeep(policy), batch)
     torch.testing.assert_close(full, kept, atol=1e-6, rtol=0)

@@ -20,13 +20,10 @@ import pytest
 import torch
 from conftest import TINY_EOS_ID, TINY_PAD_ID, free_port, make_tiny_qwen2
 
-from stages.generation import (
-    GeneratedSample,
-    HFGenerator,
-    SamplingConfig,
-    make_generator,
-    row_seed,
-)
+from stages.config.sampling import SamplingConfig
+from stages.sampling.backends import make_generator
+from stages.sampling.generation import GeneratedSample, row_seed
+from stages.sampling.hf_sampler import HFGenerator
 
 # Prompts of different lengths in one batch: left padding must not change any row's result.
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34]]
@@ -248,9 +245,10 @@ ZERO3_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import deepspeed, torch
-    from stages.generation import HFGenerator, SamplingConfig
+    from stages.config.sampling import SamplingConfig
+    from stages.sampling.hf_sampler import HFGenerator
     from conftest import make_tiny_qwen2
-    from stages.distributed import init_distributed
+    from stages.runtime.distributed import init_distributed
 
     init_distributed()  # the stages' own init: loads the shm comm op under its kill-safe lock
     prompts = {prompts}
@@ -327,7 +325,7 @@ needs_vllm = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def vllm_generator(tiny_qwen2_dir):
-    from stages.generation import VLLMGenerator
+    from stages.sampling.vllm_sampler import VLLMGenerator
 
     sampling = SamplingConfig(backend="vllm", gpu_memory_utilization=0.2, dtype="float32", colocate=True)
     return VLLMGenerator(tiny_qwen2_dir, sampling, eos_token_id=TINY_EOS_ID, seed=0)
@@ -377,11 +375,10 @@ def test_vllm_weight_update_and_sleep_wake(vllm_generator):
         )
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_generation_logprobs_equal_the_trainers_forward(packed):
+def test_generation_logprobs_equal_the_trainers_forward():
     """The generator's logprobs are the old logprobs PPO starts from: they must equal what the
-    training code (`stages.forward.response_logprobs`, padded or packed) computes for the same tokens."""
-    from stages.forward import build_token_batch, response_logprobs
+    training code (`stages.models.forward.response_logprobs`) computes for the same tokens."""
+    from stages.models.forward import build_token_batch, response_logprobs
 
     model = bias_eos(sharp_qwen2(seed=3), 2.0)
     temperature = 0.7
@@ -390,7 +387,7 @@ def test_generation_logprobs_equal_the_trainers_forward(packed):
     )
     batch = build_token_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], TINY_PAD_ID)
     with torch.no_grad():
-        trained, _ = response_logprobs(model, batch, temperature=temperature, packed=packed)
+        trained, _ = response_logprobs(model, batch, temperature=temperature)
     for row, sample in enumerate(samples):
         n = len(sample.response_ids)
         torch.testing.assert_close(trained[row, :n], torch.tensor(sample.logprobs), rtol=0, atol=1e-4)

@@ -9,19 +9,17 @@ import torch
 from conftest import TINY_PAD_ID, make_tiny_qwen2
 from pydantic import ValidationError
 
-from stages.models import (
-    ModelConfig,
-    PolicyWithValueHead,
+from stages.config.models import ModelConfig
+from stages.critic.value_model import build_critic
+from stages.models.loading import (
     init_reward_model,
-    load_critic,
     load_policy,
     load_reference,
     load_reward_model,
     load_value_model,
-    per_position_values,
     resolve_dtype,
-    reward_model_scores,
 )
+from stages.models.value_head import PolicyWithValueHead, per_position_values, reward_model_scores
 
 
 def _perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -136,18 +134,21 @@ def test_reward_model_scores_last_non_pad_token_right_and_left_padding(rm_dir):
 # ---------------------------------------------------------------------------------------------
 # critic initialisation
 # ---------------------------------------------------------------------------------------------
+def _critic(policy_dir: str, critic_dir: str, mode: str = "separate"):
+    """The critic a stage builds from `critic_dir` (the trained RM, the policy, a path), as critic warmup does."""
+    model = ModelConfig(policy=policy_dir, critic_mode=mode, dtype="float32")
+    return build_critic(model, critic_dir, load_reference(policy_dir, "float32"), policy_dir)
+
+
 def test_separate_critic_from_reward_model_holds_backbone_and_head(rm_dir, tiny_qwen2_dir):
-    config = ModelConfig(policy=tiny_qwen2_dir, critic_init="reward_model", dtype="float32")
-    critic = load_critic(config, reward_model_path=rm_dir)
+    critic = _critic(tiny_qwen2_dir, rm_dir)
     assert critic.training
     _assert_same_state(_state(critic), _state(load_reward_model(rm_dir, "float32")))
     assert critic.score.weight.abs().sum() > 0
-    with pytest.raises(ValueError, match="reward_model_path"):
-        load_critic(config)
 
 
 def test_separate_critic_from_policy_has_zero_head_and_policy_backbone(tiny_qwen2_dir):
-    critic = load_critic(ModelConfig(policy=tiny_qwen2_dir, critic_init="policy", dtype="float32"))
+    critic = _critic(tiny_qwen2_dir, tiny_qwen2_dir)
     policy_state = _state(make_tiny_qwen2())
     backbone = {k: v for k, v in _state(critic).items() if k.startswith("model.")}
     assert backbone and len(backbone) == len([k for k in policy_state if k.startswith("model.")])
@@ -162,43 +163,31 @@ def test_separate_critic_from_policy_has_zero_head_and_policy_backbone(tiny_qwen
 
 def test_separate_critic_from_path_can_be_a_larger_model(tiny_qwen2_dir, rm_dir, tmp_path):
     make_tiny_qwen2(seed=5, hidden_size=48, num_hidden_layers=3).save_pretrained(tmp_path)
-    big = load_critic(
-        ModelConfig(policy=tiny_qwen2_dir, critic_init="path", critic_path=str(tmp_path), dtype="float32")
-    )
+    big = _critic(tiny_qwen2_dir, str(tmp_path))
     assert big.config.hidden_size == 48 and torch.count_nonzero(big.score.weight) == 0
-    from_rm_path = load_critic(
-        ModelConfig(policy=tiny_qwen2_dir, critic_init="path", critic_path=rm_dir, dtype="float32")
-    )
-    _assert_same_state(_state(from_rm_path), _state(load_reward_model(rm_dir, "float32")))
 
 
-def test_shared_critic_init_from_reward_model_and_from_policy(tiny_qwen2_dir, rm_dir, tmp_path):
-    shared = load_critic(
-        ModelConfig(policy=tiny_qwen2_dir, critic_mode="shared", critic_init="reward_model", dtype="float32"),
-        reward_model_path=rm_dir,
-    )
+def test_shared_critic_init_from_reward_model_from_policy_and_from_an_export(
+    tiny_qwen2_dir, rm_dir, tmp_path
+):
+    shared = _critic(tiny_qwen2_dir, rm_dir, mode="shared")
     assert isinstance(shared, PolicyWithValueHead)
     assert torch.equal(shared.value_head.weight, load_reward_model(rm_dir, "float32").score.weight)
     _assert_same_state(
         _state(shared.policy), _state(make_tiny_qwen2())
     )  # the policy is the policy, not the RM
 
-    zero = load_critic(
-        ModelConfig(policy=tiny_qwen2_dir, critic_mode="shared", critic_init="policy", dtype="float32")
-    )
+    zero = _critic(tiny_qwen2_dir, tiny_qwen2_dir, mode="shared")
     assert torch.count_nonzero(zero.value_head.weight) == 0
+
+    # a shared critic's export (policy files + value_head.safetensors) gives back its head
+    shared.save_pretrained(tmp_path / "export")
+    again = _critic(tiny_qwen2_dir, str(tmp_path / "export"), mode="shared")
+    assert torch.equal(again.value_head.weight, shared.value_head.weight)
 
     init_reward_model(str(_save_tiny(tmp_path, hidden_size=48)), "float32").save_pretrained(tmp_path / "rm48")
     with pytest.raises(ValueError, match="hidden size"):
-        load_critic(
-            ModelConfig(
-                policy=tiny_qwen2_dir,
-                critic_mode="shared",
-                critic_init="path",
-                critic_path=str(tmp_path / "rm48"),
-                dtype="float32",
-            )
-        )
+        _critic(tiny_qwen2_dir, str(tmp_path / "rm48"), mode="shared")
 
 
 def _save_tiny(tmp_path: Path, hidden_size: int) -> Path:
@@ -227,7 +216,7 @@ def test_shared_forward_values_read_the_final_hidden_state(tiny_qwen2_dir):
 # save / load round trips (safetensors only)
 # ---------------------------------------------------------------------------------------------
 def test_separate_critic_save_load_round_trip(tiny_qwen2_dir, tmp_path):
-    critic = load_critic(ModelConfig(policy=tiny_qwen2_dir, critic_init="policy", dtype="float32"))
+    critic = _critic(tiny_qwen2_dir, tiny_qwen2_dir)
     _perturb_(critic, seed=7)  # a 'trained' critic: non-zero head, moved backbone
     critic.save_pretrained(tmp_path)
     _assert_safetensors_only(tmp_path)

@@ -7,15 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from stages.datasets import load_problems
-from stages.rewards import (
-    apply_missing_eos_penalty,
-    combined_score,
-    extract_boxed_answer,
-    extract_gsm8k_answer,
-    grade,
-    normalise_latex,
-)
+from stages.data.grading import extract_boxed_answer, extract_gsm8k_answer, grade, normalise_latex
+from stages.data.problems import load_problems
+from stages.sampling.rewards import apply_missing_eos_penalty, combined_score
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""Rollout rows (stages/rollouts.py): scoring of generated samples, schema-v1 columns, and back."""
+"""Rollout rows (stages/sampling/rollout_rows.py): scoring of generated samples, schema-v1 columns, and back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.datasets import Problem
-from stages.generation import GeneratedSample
-from stages.models import reward_model_scores
-from stages.rewards import RewardConfig
-from stages.rollouts import (
+from stages.config.sampling import RewardConfig
+from stages.data.records import Problem
+from stages.data.tasks import EncodedProblem
+from stages.models.value_head import reward_model_scores
+from stages.sampling.generation import GeneratedSample
+from stages.sampling.rollout_rows import (
     ScoredSample,
     batch_from_rollouts,
     rollout_columns,
@@ -17,7 +18,6 @@ from stages.rollouts import (
     score_with_reward_model,
     training_batch,
 )
-from stages.tasks import EncodedProblem
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.rollouts import ROLLOUT_SCHEMA, read_rollouts, write_rollouts

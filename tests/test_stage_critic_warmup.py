@@ -231,7 +231,7 @@ def test_shared_critic_trains_only_the_value_head(base, tmp_path):
     assert all(torch.equal(initial[name], policy_part[name]) for name in initial)
     head = load_file(os.path.join(exported, "value_head.safetensors"))["weight"]
     assert torch.count_nonzero(head) > 0  # started at zero, trained
-    from stages.models import PolicyWithValueHead
+    from stages.models.value_head import PolicyWithValueHead
 
     loaded = PolicyWithValueHead.from_pretrained(exported, dtype="float32")
     assert torch.equal(loaded.value_head.weight, head)

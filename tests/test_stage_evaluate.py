@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from stages.eval_metrics import mean_pass_at_k
-from stages.evaluate import BENCHMARKS, default_label
+from stages.config.evaluation import BENCHMARKS
+from stages.evaluate import default_label
+from stages.evaluation.metrics import mean_pass_at_k
 from storage.layout import RunLayout, comparison
 from storage.location import Location
 from storage.manifests import read_manifest

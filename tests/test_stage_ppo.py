@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import verify_committed
 from kill_points import kill_in_turn, with_fault
 from safetensors.torch import load_file
 
-from storage.checkpoints import committed_steps, latest_committed_step, read_commit_record, verify_checkpoint
+from storage.checkpoints import committed_steps, latest_committed_step, read_commit_record
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.manifests import read_manifest
@@ -164,7 +165,7 @@ def test_update_moves_logprobs_in_the_direction_of_the_advantages(base):
     surrogate sum(A * (logp_new - logp_old)) is positive. Zero or wrong-signed updates fail it."""
     from transformers import AutoModelForCausalLM
 
-    from stages.forward import build_token_batch, response_logprobs
+    from stages.models.forward import build_token_batch, response_logprobs
 
     rows = read_rollouts(base.rollouts(STAGE), steps=[STEPS]).to_pylist()
     batch = build_token_batch([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], 0)
@@ -231,7 +232,7 @@ def test_a_nan_stops_the_stage_naming_the_step_and_keeps_the_last_checkpoint(bas
     assert errors and errors[-1].startswith(message), errors
     assert read_manifest(layout.manifest(STAGE)) is None
     assert latest_committed_step(layout.checkpoints(STAGE)) == 2  # step 2's checkpoint, untouched
-    verify_checkpoint(layout.checkpoints(STAGE), 2)
+    verify_committed(layout.checkpoints(STAGE), 2)
     assert [int(r["step"]) for r in read_metrics(layout.metrics(STAGE)) if "ppo/policy_loss" in r] == [1, 2]
 
 
@@ -378,7 +379,7 @@ def test_critic_can_be_a_larger_model_than_the_policy(base, tmp_path):
 
 def test_value_diagnostics_from_stored_rollouts_match_the_logged_ones(base):
     """The report's offline path (one function over a run's rollouts) reproduces what the stage logged."""
-    from stages.diagnostics import scalar_metrics, value_diagnostics_from_rollouts
+    from stages.critic.diagnostics import scalar_metrics, value_diagnostics_from_rollouts
 
     logged = [
         r for r in read_metrics(base.metrics(STAGE)) if r.get("step") == STEPS and "ppo/value_loss" in r

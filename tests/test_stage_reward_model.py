@@ -13,10 +13,10 @@ import torch
 from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
-from stages.datasets import preference_pairs_from_problems
-from stages.pipeline_config import load_config
-from stages.tasks import task_problems
-from stages.tiny_model import tiny_model_path
+from stages.config.pipeline import load_config
+from stages.data.preferences import preference_pairs_from_problems
+from stages.data.tasks import task_problems
+from stages.models.tiny import tiny_model_path
 from storage.checkpoints import committed_steps
 from storage.layout import RunLayout
 from storage.location import Location
@@ -190,8 +190,8 @@ def test_pairs_from_a_local_dataset_are_learned_and_recorded(easy_pairs, tmp_pat
 
     from transformers import AutoTokenizer
 
-    from stages.datasets import PreferencePair
-    from stages.models import init_reward_model
+    from stages.data.records import PreferencePair
+    from stages.models.loading import init_reward_model
 
     heldout = [PreferencePair(*row) for row in zip(rows["question"], rows["good"], rows["bad"], strict=True)][
         -32:

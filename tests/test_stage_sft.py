@@ -79,8 +79,8 @@ def test_sft_completes_writes_manifest_and_a_loadable_export(finished_run):
 
 def test_sft_changes_the_policy_weights(finished_run):
     layout, _ = finished_run
-    from stages.pipeline_config import load_config
-    from stages.tiny_model import tiny_model_path
+    from stages.config.pipeline import load_config
+    from stages.models.tiny import tiny_model_path
 
     initial = load_file(str(tiny_model_path(load_config().tiny_model) / "model.safetensors"))
     trained = final_weights(layout)

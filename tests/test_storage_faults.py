@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from conftest import verify_committed
 from fault_proxy import FaultProxy
 from test_rollouts import make_columns
 
@@ -108,7 +109,7 @@ def test_a_stage_completes_on_a_flaky_store(flaky_root):
     import sys
     from pathlib import Path
 
-    from storage.checkpoints import committed_steps, verify_checkpoint
+    from storage.checkpoints import committed_steps
     from storage.layout import RunLayout
     from storage.manifests import read_manifest
 
@@ -129,6 +130,6 @@ def test_a_stage_completes_on_a_flaky_store(flaky_root):
     assert read_manifest(layout.manifest("sft")) is not None
     assert committed_steps(layout.checkpoints("sft")) == [2, 4]
     for step in (2, 4):
-        verify_checkpoint(layout.checkpoints("sft"), step)
+        verify_committed(layout.checkpoints("sft"), step)
     assert proxy.counts["failed"] - before.get("failed", 0) >= 5, proxy.counts  # the faults hit the stage
     assert proxy.counts["dropped"] - before.get("dropped", 0) >= 2, proxy.counts

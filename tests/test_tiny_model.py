@@ -11,9 +11,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from stages import tiny_model
-from stages.datasets import arith_problems, format_prompt
-from stages.tiny_model import EOS_TOKEN, PAD_TOKEN, TinyModelConfig, build_tiny_model, tiny_model_path
+from stages.config.models import TinyModelConfig
+from stages.data.arith import arith_problems
+from stages.data.problems import format_prompt
+from stages.models import tiny as tiny_model
+from stages.models.tiny import EOS_TOKEN, PAD_TOKEN, build_tiny_model, tiny_model_path
 
 SMALL = TinyModelConfig(corpus_size=300)  # the default sizes, a smaller tokenizer corpus: faster
 
@@ -179,7 +181,7 @@ def test_config_validation():
 def test_embedding_rows_pad_the_vocabulary_beyond_the_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.tiny_model import build_tiny_model
+    from stages.models.tiny import build_tiny_model
 
     config = TinyModelConfig(embedding_rows=1024)
     build_tiny_model(config, tmp_path)

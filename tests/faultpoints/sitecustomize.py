@@ -7,13 +7,13 @@ module binds the names; a point never fires in a process that does not reach it.
 `RLPIPE_TEST_KILL=point:N` sends SIGKILL to the process the N-th time it reaches `point`:
 
     generate   each HF generation call (a step's sampling, the held-out evaluation)
-    train      each `engine.step()` of any engine built by `stages.engine.build_engine`
+    train      each `engine.step()` of any engine built by `stages.models.engine.build_engine`
     upload     each file upload to storage (the checkpoint protocol uploads its files concurrently)
     manifest   the rename that publishes a manifest.json (its temporary file is fully written)
 
 `RLPIPE_TEST_NAN=point:N` puts a NaN in the N-th result of `point`:
 
-    reward       the first scored sample's reward (`stages.rollouts.score_samples`)
+    reward       the first scored sample's reward (`stages.sampling.rollout_rows.score_samples`)
     policy_loss  the clipped surrogate (`stages.algorithms.policy_loss`)
 """
 
@@ -58,11 +58,11 @@ def _install_kill(point: str, nth: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "generate":
-        from stages import generation
+        from stages.sampling import hf_sampler
 
-        _wrap(generation.HFGenerator, "generate", before=kill)
+        _wrap(hf_sampler.HFGenerator, "generate", before=kill)
     elif point == "train":
-        from stages import engine
+        from stages.models import engine
 
         def watch_steps(built):
             step = built.step
@@ -93,14 +93,14 @@ def _install_kill(point: str, nth: int) -> None:
 def _install_nan(point: str, nth: int) -> None:
     reached = _nth_call(nth)
     if point == "reward":
-        from stages import rollouts
+        from stages.sampling import rollout_rows
 
         def poison(scored):
             if reached() and scored:
                 scored[0] = dataclasses.replace(scored[0], reward=float("nan"))
             return scored
 
-        _wrap(rollouts, "score_samples", after=poison)
+        _wrap(rollout_rows, "score_samples", after=poison)
     elif point == "policy_loss":
         from stages import algorithms
 

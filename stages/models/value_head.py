@@ -1,0 +1,171 @@
+"""Scalar heads read per token: the shared critic's value head on the policy, and the per-position
+values / sequence scores of every scalar-head model (separate critic, reward model, shared critic).
+
+Shape suffixes: B batch (sequences), L full sequence length (prompt + response + padding),
+V vocabulary, H hidden size.
+
+Reward scores and critic values come out of the same function (`per_position_values`), so the
+score of a sequence is by construction the value the critic reads at its last token.
+Position ids are computed from the attention mask (`cumsum - 1`), so left- and right-padded
+batches give the same numbers; pad tokens are never detected by `pad_token_id` (which may be
+unset, or equal to the EOS that ends every response).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stages.config.models import DType
+from stages.models.loading import load_policy, zero_head_
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+Tensor = torch.Tensor
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+VALUE_HEAD_CONFIG = "value_head.json"
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal-LM policy plus a scalar value head on its final hidden state (critic_mode=shared).
+
+    The head has no bias, like the score heads of HF sequence classifiers, so a reward model's
+    head copies in exactly and a value head can be exported as one.
+    Saved as the policy's HF files (loadable alone by transformers) plus `value_head.safetensors`
+    and `value_head.json` beside them.
+    """
+
+    def __init__(self, policy: PreTrainedModel, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.policy = policy
+        hidden = policy.config.get_text_config().hidden_size
+        if value_head is None:
+            value_head = nn.Linear(hidden, 1, bias=False)
+            zero_head_(value_head)  # initial values 0: see `load_value_model`
+        self.value_head = value_head.to(dtype=policy.dtype, device=policy.device)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.policy.dtype
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One forward: (logits [B, L, V], values [B, L]); the values read the final (normed) hidden state."""
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Values only [B, L]: the backbone without the LM head (no [B, L, V] logits)."""
+        backbone = getattr(self.policy, self.policy.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+    def copy_head_from(self, scorer: PreTrainedModel) -> None:
+        """Initialise the value head from a sequence classifier's score head (e.g. the trained RM)."""
+        weight = scorer.score.weight
+        if weight.shape != self.value_head.weight.shape:
+            raise ValueError(
+                f"score head of shape {tuple(weight.shape)} does not fit a value head of shape "
+                f"{tuple(self.value_head.weight.shape)}: the reward model must share the policy's hidden size"
+            )
+        with torch.no_grad():
+            self.value_head.weight.copy_(weight)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.policy.save_pretrained(directory)  # safetensors by default in transformers >= 4.35
+        head = {"weight": self.value_head.weight.detach().cpu().contiguous()}
+        save_file(head, str(directory / VALUE_HEAD_WEIGHTS), metadata={"format": "pt"})
+        spec = {"in_features": self.value_head.in_features, "out_features": 1, "bias": False}
+        (directory / VALUE_HEAD_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str,
+        dtype: DType | torch.dtype = "auto",
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> PolicyWithValueHead:
+        """Policy from `directory`; value head from its `value_head.safetensors`, zero if there is none."""
+        policy = load_policy(directory, dtype, attn_implementation, trust_remote_code)
+        model = cls(policy)
+        weights = Path(directory) / VALUE_HEAD_WEIGHTS
+        if weights.is_file():
+            with torch.no_grad():
+                model.value_head.weight.copy_(load_file(str(weights))["weight"])
+        return model
+
+
+# ---------------------------------------------------------------------------------------------
+# per-position values and reward scores
+# ---------------------------------------------------------------------------------------------
+def positions_from_mask(attention_mask_BL: Tensor) -> Tensor:
+    """Position ids counting only attended tokens (0 at each sequence's first real token): padding-side agnostic."""
+    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def per_position_values(
+    critic: nn.Module, input_ids_BL: Tensor, attention_mask_BL: Tensor, position_ids_BL: Tensor | None = None
+) -> Tensor:
+    """Scalar head on the final hidden state at EVERY position: values_BL (float32).
+
+    `critic` is a sequence classifier with one label (separate critic, reward model) or a
+    `PolicyWithValueHead` (shared critic), or a DeepSpeed engine wrapping either.
+    `attention_mask_BL` is the usual 2-D padding mask, or a 4-D mask (packed sequences), in which
+    case `position_ids_BL` is required. The value at position i sees tokens 0..i only.
+    """
+    if position_ids_BL is None:
+        if attention_mask_BL.dim() != 2:
+            raise ValueError("position_ids_BL is required with a 4-D attention mask")
+        position_ids_BL = positions_from_mask(attention_mask_BL)
+    module = getattr(critic, "module", critic)  # a DeepSpeed engine holds the model in `.module`
+    if isinstance(module, PolicyWithValueHead):
+        values_BL = module.values(input_ids_BL, attention_mask_BL, position_ids_BL)
+    else:
+        backbone = getattr(module, module.base_model_prefix)
+        hidden_BLH = backbone(
+            input_ids=input_ids_BL,
+            attention_mask=attention_mask_BL,
+            position_ids=position_ids_BL,
+            use_cache=False,
+        ).last_hidden_state
+        values_BL = module.score(hidden_BLH).squeeze(-1)
+    return values_BL.float()
+
+
+def reward_model_scores(rm: nn.Module, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor:
+    """Score of each sequence: the per-position value at its LAST NON-PAD token (from the mask), shape [B].
+
+    Works for right and left padding (and holes): the index is the last True of the mask, and the
+    positions are counted over attended tokens only, so padding never changes a score.
+    """
+    values_BL = per_position_values(rm, input_ids_BL, attention_mask_BL)
+    positions_BL = torch.arange(attention_mask_BL.shape[1], device=attention_mask_BL.device).expand_as(
+        values_BL
+    )
+    last_B = torch.where(attention_mask_BL.bool(), positions_BL, -1).amax(dim=1)
+    if (last_B < 0).any():
+        raise ValueError("reward_model_scores: a sequence has no attended token")
+    return values_BL.gather(1, last_B[:, None]).squeeze(1)

@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from stages.config.pipeline import PipelineConfig
 from stages.lifecycle.entry import USER_ERROR_EXIT
+from stages.runtime.distributed import free_port
 from storage.secrets import redact_text
 
 # A tqdm bar line: "ppo:  12%|##        | 96/800 [00:10<01:30, ...]" (universal newlines turn its \r into lines).
@@ -102,12 +102,6 @@ class StageFailed(RuntimeError):
         return self.returncode != USER_ERROR_EXIT
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cuda_available() -> bool:
     try:
         import torch
@@ -134,7 +128,7 @@ def stage_command(
         "--num_gpus",
         str(nproc),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         f"stages.{stage}",
     ]

@@ -26,6 +26,20 @@ def verify_committed(checkpoints: Location, step: int) -> None:
         download_checkpoint(checkpoints, step, folder)
 
 
+# A quick SFT start (30 steps) that the PPO and critic-warmup stage tests build their runs on.
+QUICK_SFT = [
+    "wandb.mode=disabled",
+    "task.train_size=400",
+    "task.heldout_size=8",
+    "sft.steps=30",
+    "sft.save_every=30",
+    "sft.log_every=30",
+    "sft.optim.lr=0.002",
+    "sft.optim.warmup_steps=5",
+    "sft.optim.micro_batch_size=32",
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import RLPIPE
 
 from storage.checkpoints import committed_steps
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.manifests import read_manifest
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 GSM8K_SFT = [
     "--set", "wandb.mode=disabled", "--set", "task.dataset=gsm8k", "--set", "task.train_size=8",
     "--set", "task.heldout_size=4", "--set", "sft.steps=2", "--set", "generation.max_new_tokens=16",

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
+from cli_runs import RLPIPE
 
 
 def test_bench_ppo_update_reports_both_implementations_and_the_phases():

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_runs import RLPIPE
 
 from flows.cli import main
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 # `rlpipe run` with every stage switched off: these tests are about the CLI, the stage tests run stages.
 NO_STAGES = [
     arg

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_runs import RLPIPE
 
 from flows.params import CheckpointEvalParams, PipelineParams, StageParams
 from storage.checkpoints import committed_steps
@@ -25,7 +25,6 @@ from storage.manifests import read_manifest
 from storage.metrics import read_metrics
 from storage.rollouts import rollout_steps
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 # Every stage but SFT, each a few steps on the tiny model: the orchestration is under test here.
 FAST = [
     "wandb.mode=disabled",

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+from cli_runs import RLPIPE
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 LONG_SFT = ["--set", "wandb.mode=disabled", "--set", "sft.steps=100000", "--set", "task.train_size=50"]
 
 

@@ -10,17 +10,15 @@ Measured (2026-12-03): 0.75 over the first 10 steps, 0.93 over steps 31-40, for 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import rlpipe, sets
 
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.metrics import read_metrics
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 RECIPE = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 FIXED_PROMPTS = [
     "wandb.mode=disabled",
@@ -34,14 +32,6 @@ FIXED_PROMPTS = [
     "ppo.prompts_per_step=16",
     "ppo.samples_per_prompt=8",
 ]
-
-
-def rlpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RLPIPE, *args], capture_output=True, text=True, timeout=900)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")

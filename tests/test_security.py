@@ -14,13 +14,12 @@ from __future__ import annotations
 import ast
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import RLPIPE
 
 REPO = Path(__file__).resolve().parent.parent
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 PACKAGES = ("flows", "stages", "storage")
 UNSAFE_MODULES = {"pickle", "cPickle", "marshal", "dill", "joblib", "shelve"}
 

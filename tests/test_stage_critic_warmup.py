@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import RLPIPE, rlpipe, sets, stage
+from conftest import QUICK_SFT
 from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
@@ -28,19 +28,8 @@ from storage.manifests import read_manifest
 from storage.metrics import read_metrics
 from storage.rollouts import ROLLOUT_SCHEMA, read_rollouts, rollout_parts
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 STAGE = "critic_warmup"
-SFT = [
-    "wandb.mode=disabled",
-    "task.train_size=400",
-    "task.heldout_size=8",
-    "sft.steps=30",
-    "sft.save_every=30",
-    "sft.log_every=30",
-    "sft.optim.lr=0.002",
-    "sft.optim.warmup_steps=5",
-    "sft.optim.micro_batch_size=32",
-]
+SFT = QUICK_SFT
 # No RM stage: the critic starts from the policy (zero head); reward = verifier - missing-EOS penalty.
 WARMUP = [
     *SFT,
@@ -59,20 +48,6 @@ WARMUP = [
     "critic_warmup.optim.grad_accum_steps=1",
     "critic_warmup.epochs=4",  # 4 shuffled passes x 4 mini-batches: 16 updates per step
 ]
-
-
-def rlpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([RLPIPE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
-
-
-def stage(name: str, run_id: str, root, overrides: list[str]) -> subprocess.CompletedProcess:
-    proc = rlpipe("stage", name, "--run-id", run_id, "--storage", str(root), *sets(overrides))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def sha256(path: str) -> str:

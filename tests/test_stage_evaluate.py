@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cli_runs import RLPIPE
 
 from flows.cli import main
 from stages.config.evaluation import BENCHMARKS
@@ -24,7 +24,6 @@ from storage.manifests import read_manifest
 from storage.metrics import append_metrics
 from storage.reports import read_report, read_samples
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 QUICK = ["--limit", "3", "--samples", "2", "--max-new-tokens", "8"]
 BENCHMARK_KEYS = {
     "n_problems",

@@ -13,12 +13,11 @@ import json
 import math
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import verify_committed
+from cli_runs import RLPIPE, rlpipe, sets, stage
+from conftest import QUICK_SFT, verify_committed
 from kill_points import kill_in_turn, with_fault
 from safetensors.torch import load_file
 
@@ -29,19 +28,8 @@ from storage.manifests import read_manifest
 from storage.metrics import read_metrics
 from storage.rollouts import ROLLOUT_SCHEMA, read_rollouts
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 STAGE = "ppo"
-SFT = [
-    "wandb.mode=disabled",
-    "task.train_size=400",
-    "task.heldout_size=8",
-    "sft.steps=30",
-    "sft.save_every=30",
-    "sft.log_every=30",
-    "sft.optim.lr=0.002",
-    "sft.optim.warmup_steps=5",
-    "sft.optim.micro_batch_size=32",
-]
+SFT = QUICK_SFT
 STEPS, ROWS = 4, 32  # 8 prompts x 4 samples per step
 PPO = [
     *SFT,
@@ -65,20 +53,6 @@ PPO = [
     "ppo.critic_optim.lr=0.001",
     "ppo.critic_optim.micro_batch_size=16",
 ]
-
-
-def rlpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([RLPIPE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
-
-
-def stage(name: str, run_id: str, root, overrides: list[str]) -> subprocess.CompletedProcess:
-    proc = rlpipe("stage", name, "--run-id", run_id, "--storage", str(root), *sets(overrides))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def weights(layout: RunLayout, name: str) -> dict[str, torch.Tensor]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import RLPIPE, rlpipe, sets
 from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
@@ -23,7 +21,6 @@ from storage.location import Location
 from storage.manifests import read_manifest
 from storage.metrics import read_metrics
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 # Task pairs straight from the tiny model: 8 steps of 16 pairs (enough to move every weight).
 FAST = [
     "wandb.mode=disabled",
@@ -55,14 +52,6 @@ EASY = [
     "reward_model.optim.lr=0.003",
     "reward_model.optim.schedule=constant",
 ]
-
-
-def rlpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([RLPIPE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def final_weights(layout: RunLayout) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import RLPIPE, rlpipe, sets
 from kill_points import kill_in_turn
 from safetensors.torch import load_file
 
@@ -20,7 +21,6 @@ from storage.location import Location
 from storage.manifests import read_manifest
 from storage.metrics import read_metrics
 
-RLPIPE = str(Path(sys.executable).parent / "rlpipe")
 # Small enough for CI, big enough that the loss moves: 8 steps of 16 sequences.
 FAST = [
     "wandb.mode=disabled",
@@ -33,16 +33,6 @@ FAST = [
     "sft.optim.micro_batch_size=8",
     "sft.optim.grad_accum_steps=2",
 ]
-
-
-def rlpipe(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [RLPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def final_weights(layout: RunLayout) -> dict[str, torch.Tensor]:

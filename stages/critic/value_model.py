@@ -10,14 +10,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch import nn
 
 from stages.config.models import ModelConfig
 from stages.models.loading import load_options, load_value_model
-from stages.models.value_head import VALUE_HEAD_WEIGHTS, PolicyWithValueHead
+from stages.models.value_head import PolicyWithValueHead
 
 
 def build_critic(model: ModelConfig, critic_dir: str, policy: nn.Module, policy_dir: str) -> nn.Module:
@@ -25,12 +22,6 @@ def build_critic(model: ModelConfig, critic_dir: str, policy: nn.Module, policy_
     if model.critic_mode == "separate":
         return load_value_model(critic_dir, **load_options(model)).train()
     critic = PolicyWithValueHead(policy)
-    head = Path(critic_dir) / VALUE_HEAD_WEIGHTS
-    if head.is_file():
-        from safetensors.torch import load_file
-
-        with torch.no_grad():
-            critic.value_head.weight.copy_(load_file(str(head))["weight"])
-    elif critic_dir != policy_dir:
+    if not critic.load_head_from(critic_dir) and critic_dir != policy_dir:
         critic.copy_head_from(load_value_model(critic_dir, **load_options(model)))
     return critic

@@ -80,11 +80,11 @@ def load_reference(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The frozen reference policy for the KL term: eval mode (no dropout), no gradients."""
-    from transformers import AutoModelForCausalLM
+    return frozen(load_policy(path, dtype, attn_implementation, trust_remote_code))
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, **_load_kwargs(dtype, attn_implementation, trust_remote_code)
-    )
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode (no dropout) with no parameter requiring a gradient."""
     model.eval().requires_grad_(False)
     return model
 
@@ -150,6 +150,4 @@ def load_reward_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A trained reward model (HF sequence classifier, one label), frozen for scoring."""
-    model = load_value_model(path, dtype, attn_implementation, trust_remote_code)
-    model.eval().requires_grad_(False)
-    return model
+    return frozen(load_value_model(path, dtype, attn_implementation, trust_remote_code))

@@ -109,13 +109,18 @@ class PolicyWithValueHead(nn.Module):
         trust_remote_code: bool = False,
     ) -> PolicyWithValueHead:
         """Policy from `directory`; value head from its `value_head.safetensors`, zero if there is none."""
-        policy = load_policy(directory, dtype, attn_implementation, trust_remote_code)
-        model = cls(policy)
-        weights = Path(directory) / VALUE_HEAD_WEIGHTS
-        if weights.is_file():
-            with torch.no_grad():
-                model.value_head.weight.copy_(load_file(str(weights))["weight"])
+        model = cls(load_policy(directory, dtype, attn_implementation, trust_remote_code))
+        model.load_head_from(directory)
         return model
+
+    def load_head_from(self, directory: str | Path) -> bool:
+        """Copy a shared critic export's `value_head.safetensors` into the head; False if it has none."""
+        weights = Path(directory) / VALUE_HEAD_WEIGHTS
+        if not weights.is_file():
+            return False
+        with torch.no_grad():
+            self.value_head.weight.copy_(load_file(str(weights))["weight"])
+        return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -278,3 +279,28 @@ def test_a_killed_evaluation_reruns_to_a_complete_report(tmp_path):
     assert read_manifest(layout.manifest("evaluate")) is not None
     report = check_outputs(layout, "again", ["arith"], samples=2, problems=3)
     assert list(report["checkpoints"]) == ["initial", "again"]
+
+
+def test_one_checkpoint_is_an_ordinary_stage_entry(tmp_path):
+    """`python -m stages.evaluate --checkpoint URI --label L` (what the scheduled evaluation launches)
+    writes that label's report into the run and no manifest; half the pair is bad input (exit 3)."""
+    from stages.config.pipeline import load_config
+
+    config = load_config(
+        None,
+        [f"storage.root={tmp_path}", "run_id=entry", "wandb.mode=disabled", "evaluate.benchmarks=[arith]",
+         "evaluate.limits={arith: 3}", "evaluate.samples=2", "generation.max_new_tokens=8"],
+    )  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(config.model_dump_json())
+    entry = [sys.executable, "-m", "stages.evaluate", "--config", str(path)]
+    proc = subprocess.run([*entry, "--checkpoint", "tiny", "--label", "t1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    layout = RunLayout(Location(str(tmp_path)), "entry")
+    check_outputs(layout, "t1", ["arith"], samples=2, problems=3)
+    assert read_manifest(layout.manifest("evaluate")) is None
+    half = subprocess.run([*entry, "--checkpoint", "tiny"], capture_output=True, text=True)
+    assert (
+        half.returncode == 3
+        and half.stderr.strip() == "error: evaluate: --checkpoint and --label go together"
+    )

@@ -139,23 +139,33 @@ def stage(
 ) -> None:
     """Run or resume one stage of a run (resumes from its last committed checkpoint)."""
     from flows.launcher import run_stage_process
+    from stages.config.batches import check_batch_layouts
     from stages.lifecycle.runs import open_run, resolve_config
 
     if name not in STAGE_NAMES:
         raise ConfigError(f"unknown stage '{name}' (available: {', '.join(STAGE_NAMES)})")
     config, _ = resolve_config(recipe, set_, run_id=run_id, storage=storage)
+    check_batch_layouts(config, nproc, [name])  # before anything is written or launched
     open_run(config)
     run_stage_process(name, config, nproc=nproc, force=force, log_line=typer.echo)
 
 
 @app.command("config")
-def show_config(recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
+def show_config(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Check that every stage's batch sizes lay out on N ranks.")
+    ] = 1,
+) -> None:
     """Print the resolved, validated config of a recipe plus overrides, and its hash."""
+    from stages.config.batches import check_batch_layouts
     from stages.lifecycle.runs import resolve_config
 
     config, _ = resolve_config(
         recipe, set_, check_storage=False
     )  # prints only: storage need not be reachable
+    check_batch_layouts(config, nproc)
     typer.echo(json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     typer.echo(f"config_hash: {config_hash(config)}")
 

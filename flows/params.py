@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stages.config.batches import check_batch_layouts
 from stages.config.evaluation import Benchmark
 from stages.config.pipeline import DEFAULT_RECIPE
 from stages.lifecycle.runs import resolve_config
@@ -55,11 +56,16 @@ class RunParams(BaseModel):
         "committed checkpoint). Bad input is never retried.",
     )
 
-    def resolve(self):
-        """The validated run config and whether the run exists (ConfigError, one line, when invalid)."""
-        return resolve_config(
+    def resolve(self, stages: list[str] | None = None):
+        """The validated run config and whether the run exists (ConfigError, one line, when invalid).
+
+        The batch sizes of `stages` (default: every stage the config enables) must lay out on
+        `nproc` ranks: a config that would stop a later stage fails here, before the first starts."""
+        config, existed = resolve_config(
             recipe_path(self.recipe), self.overrides, run_id=self.run_id, storage=self.storage
         )
+        check_batch_layouts(config, self.nproc, stages)
+        return config, existed
 
 
 def recipe_path(recipe: str) -> Path:
@@ -77,6 +83,9 @@ class PipelineParams(RunParams):
         description="Stages to run, in pipeline order (default: every stage the recipe enables: "
         "[sft] -> reward_model -> critic_warmup -> ppo -> evaluate).",
     )
+
+    def resolve(self, stages: list[str] | None = None):
+        return super().resolve(stages if stages is not None else self.stages)
 
 
 class StageParams(RunParams):

@@ -102,7 +102,7 @@ class StageOutputSink:
 def run_stage_flow(stage: str, params: StageParams) -> str:
     """The body of every stage flow; returns `completed`, `skipped` or `disabled`."""
     logger = get_run_logger()
-    config, _ = params.resolve()
+    config, _ = params.resolve([stage])
     layout = open_run(config)
     if not getattr(getattr(config, stage), "enabled", True):
         logger.info(f"{stage}: disabled in the config of run {config.run_id}, not run")

@@ -9,8 +9,8 @@ updates follow a critic that knows nothing). Each step:
     3. outcome reward on the last response token; old values from the critic (no grad);
        returns = GAE(gamma, lam_critic)[1] (lam_critic = 1: Monte-Carlo returns);
     4. `epochs` passes of value-loss updates over the step's rows, in mini-batches of
-       micro_batch_size x grad_accum_steps rows per rank (one optimizer step each; the update is
-       PPO's own, `stages.critic.update`, without value clipping);
+       `minibatches` optimizer steps per epoch (the layout on the ranks: `stages.config.batches`; the
+       update is PPO's own, `stages.critic.update`, without value clipping);
     5. metrics; 6. the step's rollouts (schema v1) and, every save_every, a checkpoint.
 
 The policy never trains here: it is loaded frozen (eval mode, no gradients) and is not wrapped in
@@ -36,6 +36,7 @@ import sys
 import torch
 
 from stages.algorithms import compute_gae, outcome_rewards_to_tokens
+from stages.config.batches import BatchLayout, batch_layout, minibatch_rows, stage_layouts
 from stages.config.pipeline import PipelineConfig
 from stages.config.training import CriticWarmupConfig
 from stages.critic.diagnostics import global_explained_variance
@@ -88,7 +89,8 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if ctx is None:
         return
     layout, rank, world = ctx.layout, ctx.rank, ctx.world_size
-    _check_batch_layout(cw, world)
+    source = Location(cw.rollouts_from, ctx.endpoint_url) if cw.rollouts_from else None
+    batches = _batch_layout(cw, world, source) if source else stage_layouts(config, STAGE, world)["optim"]
 
     # 2. Models: the frozen policy (sampler; backbone of a shared critic), the critic, the RM.
     def model_dir(name: str) -> str:
@@ -102,7 +104,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     torch.manual_seed(config.seed)
     critic = build_critic(config.model, model_dir("critic_init"), policy, policy_dir)
     # A shared critic trains its head only: the backbone is the policy PPO starts from.
-    engine = build_engine(critic.value_head.requires_grad_(True) if shared else critic, cw.optim)
+    engine = build_engine(critic.value_head.requires_grad_(True) if shared else critic, cw.optim, batches)
     rm = load_reward_model(model_dir("reward_model"), **options) if "reward_model" in inputs else None
     generator = None
     if not cw.rollouts_from:
@@ -112,7 +114,6 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     train = encode_problems(task_problems(config.task, "train"), tokenizer)
     if not cw.rollouts_from:
         check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train")
-    source = Location(cw.rollouts_from, ctx.endpoint_url) if cw.rollouts_from else None
 
     # 4. Resume from the newest committed checkpoint; later rollouts are replaced, never duplicated.
     training = resume_training(ctx, {"critic": engine}, cw.steps)
@@ -142,10 +143,10 @@ def run(config: PipelineConfig, force: bool = False) -> None:
             )
         else:
             scored = _source_rows(source, done, rank, world)
-        if len(scored) % (cw.optim.micro_batch_size * cw.optim.grad_accum_steps):
+        if len(scored) != batches.rows_per_rank * cw.minibatches:
             raise StageError(
-                f"{STAGE}: step {done} has {len(scored)} rows on rank {rank}, not a multiple of "
-                f"optim.micro_batch_size x optim.grad_accum_steps"
+                f"{STAGE}: step {done} has {len(scored)} rows on rank {rank}, the stage's layout expects "
+                f"{batches.rows_per_rank * cw.minibatches} (every step of rollouts_from must have as many rows)"
             )
 
         # step 5.3 outcome reward on the last token; old values; returns = GAE(lam_critic) targets
@@ -166,6 +167,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
                 rows,
                 ValueTargets(old_values_BT, returns_BT, mask_BT),
                 cw,
+                batches,
                 (config.seed, done),
             )
 
@@ -222,21 +224,17 @@ def _input_uris(config: PipelineConfig) -> dict[str, str]:
     return inputs
 
 
-def _check_batch_layout(cw: CriticWarmupConfig, world: int) -> None:
-    """Each step's rows must split evenly over ranks and into optimizer mini-batches."""
-    if cw.rollouts_from:
-        return  # checked per step against the rows read
-    if cw.prompts_per_step % world:
-        raise StageError(
-            f"{STAGE}: prompts_per_step ({cw.prompts_per_step}) must divide by the ranks ({world})"
-        )
-    rows = cw.prompts_per_step // world * cw.samples_per_prompt
-    minibatch = cw.optim.micro_batch_size * cw.optim.grad_accum_steps
-    if rows % minibatch:
-        raise StageError(
-            f"{STAGE}: {rows} rows per rank per step (prompts_per_step / ranks x samples_per_prompt) do not "
-            f"split into mini-batches of optim.micro_batch_size x optim.grad_accum_steps = {minibatch}"
-        )
+def _batch_layout(cw: CriticWarmupConfig, world: int, source: Location) -> BatchLayout:
+    """The layout of `rollouts_from`'s steps (the rows of its first step; every step must match)."""
+    rows = read_rollouts(source, steps=[1]).num_rows
+    if not rows:
+        raise StageError(f"{STAGE}: rollouts_from {source.uri} has no rows for step 1")
+    rows_are = f"critic_warmup.rollouts_from's {rows} rows per step"
+    if rows % world:
+        raise StageError(f"{STAGE}: {rows_are} do not split over {world} ranks")
+    per_rank = minibatch_rows(STAGE, rows // world, cw.minibatches, "critic_warmup.minibatches", rows_are)
+    micro_key = "critic_warmup.optim.micro_batch_size"
+    return batch_layout(STAGE, per_rank * world, world, micro_key, cw.optim.micro_batch_size, rows_are)
 
 
 def _source_rows(source: Location, step: int, rank: int, world: int) -> list[ScoredSample]:
@@ -252,25 +250,29 @@ def _source_rows(source: Location, step: int, rank: int, world: int) -> list[Sco
 
 
 def _update_critic(
-    engine, critic, rows: TokenRows, targets: ValueTargets, cw: CriticWarmupConfig, seed: tuple[int, int]
+    engine,
+    critic,
+    rows: TokenRows,
+    targets: ValueTargets,
+    cw: CriticWarmupConfig,
+    batches: BatchLayout,
+    seed: tuple[int, int],
 ) -> dict[str, float]:
-    """`epochs` shuffled passes over the step's rows, one optimizer step per mini-batch of
-    micro x accum rows per rank (`critic_update_step`, unclipped token-mean value loss).
+    """`epochs` shuffled passes over the step's rows, `minibatches` optimizer steps each
+    (`critic_update_step`, unclipped token-mean value loss).
 
     Returns the mean value loss over the updates and the mean gradient norm, over all ranks.
     """
-    optim = cw.optim
-    minibatches = len(rows) // (optim.micro_batch_size * optim.grad_accum_steps)
     total, norms = torch.zeros(()), []
-    for part in shuffled_minibatches(len(rows), cw.epochs, minibatches, seed):
+    for part in shuffled_minibatches(len(rows), cw.epochs, cw.minibatches, seed):
         stats, norm = critic_update_step(
-            engine, critic, rows, part, targets, micro_batch_size=optim.micro_batch_size,
-            grad_accum_steps=optim.grad_accum_steps, clip_range=None, agg="token_mean",
+            engine, critic, rows, part, targets, micro_batch_size=batches.micro_batch_size,
+            grad_accum_steps=batches.grad_accum_steps, clip_range=None, agg="token_mean",
             count=global_counts("token_mean", targets.mask_BT[part])[0],
         )  # fmt: skip
         total += stats["value_loss"]
         norms += [norm] if norm is not None else []
-    updates = max(cw.epochs * minibatches, 1)
+    updates = cw.epochs * cw.minibatches
     metrics = {"critic_warmup/value_loss": float(distributed.all_reduce(total) / updates)}
     if norms:
         metrics["critic_warmup/grad_norm"] = sum(norms) / len(norms)

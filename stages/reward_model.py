@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from stages.algorithms import bradley_terry_loss
+from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
 from stages.config.training import RewardModelConfig
 from stages.data.preferences import preference_pairs_from_hf, preference_pairs_from_problems
@@ -65,6 +66,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if ctx is None:
         return
     world = ctx.world_size
+    layout = stage_layouts(config, STAGE, world)["optim"]  # reward_model.batch_size over the ranks
 
     # 2. Preference pairs as text, first: a bad dataset fails before any model is loaded.
     train_text, heldout_text = _load_pairs(config)
@@ -77,9 +79,9 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     model = init_reward_model(init_dir, **load_options(config.model)).train()
     if model.config.pad_token_id is None:  # transformers' own scoring of the export needs it
         model.config.pad_token_id = pad_id
-    engine = build_engine(model, rm.optim)
+    engine = build_engine(model, rm.optim, layout)
     train, heldout = _encode_pairs(train_text, tokenizer), _encode_pairs(heldout_text, tokenizer)
-    global_batch = rm.optim.micro_batch_size * rm.optim.grad_accum_steps * world
+    global_batch = rm.batch_size
     distributed.print0(f"{STAGE}: {len(train)} training pairs, {len(heldout)} held-out pairs")
 
     # 4. Resume from the newest committed checkpoint (same config only).
@@ -91,7 +93,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):
-            sums = _train_step(engine, [train[i] for i in indices], rm, pad_id)
+            sums = _train_step(engine, [train[i] for i in indices], rm, layout.micro_batch_size, pad_id)
         if done % rm.log_every == 0 or done == rm.steps:
             loss, correct, gap, n = distributed.all_reduce(sums).tolist()
             last = {"loss": loss / n, "accuracy": correct / n, "margin": gap / n}
@@ -186,7 +188,9 @@ def _pair_scores(engine, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.T
     return scores_B[: len(pairs)], scores_B[len(pairs) :]
 
 
-def _train_step(engine, batch: list[EncodedPair], rm: RewardModelConfig, pad_id: int) -> torch.Tensor:
+def _train_step(
+    engine, batch: list[EncodedPair], rm: RewardModelConfig, micro: int, pad_id: int
+) -> torch.Tensor:
     """One optimizer step of the pairwise loss, mean over the pairs of the whole global batch.
 
     Loss per pair: -log sigmoid(r_c - r_r - margin) + center_rewards_coef * (r_c + r_r)^2.
@@ -196,7 +200,6 @@ def _train_step(engine, batch: list[EncodedPair], rm: RewardModelConfig, pad_id:
     micro-batch is full, as `batch_indices` + `shard` make them).
     Returns this rank's sums [loss, correct pairs, score gap, pairs] for the metrics.
     """
-    micro = rm.optim.micro_batch_size
     chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
     global_pairs = distributed.all_reduce(torch.tensor(float(len(batch))))
     scale = len(chunks) * distributed.world_size()

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from stages.algorithms import aggregate_loss
-from stages.config.models import OptimConfig
+from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
 from stages.data.records import DataError
 from stages.data.tasks import EncodedProblem, batch_indices, check_fits, encode_problems, shard, task_problems
@@ -47,6 +47,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if ctx is None:
         return
     world = ctx.world_size
+    layout = stage_layouts(config, STAGE, world)["optim"]  # sft.batch_size over the ranks, in micro-batches
 
     # 2. Tokenizer (the model after the data).
     policy_dir = resolve_model_dir(config.model.policy, config.tiny_model, ctx.endpoint_url)
@@ -63,8 +64,8 @@ def run(config: PipelineConfig, force: bool = False) -> None:
 
     # 4. Engine, then resume from the newest committed checkpoint (same config only).
     torch.manual_seed(config.seed)
-    engine = build_engine(load_policy(policy_dir, **load_options(config.model)), sft.optim)
-    global_batch = sft.optim.micro_batch_size * sft.optim.grad_accum_steps * world
+    engine = build_engine(load_policy(policy_dir, **load_options(config.model)), sft.optim, layout)
+    global_batch = sft.batch_size
     training = resume_training(ctx, {"policy": engine}, sft.steps)
     last_loss = training.state.get("loss", float("nan")) if training.state else float("nan")
 
@@ -73,7 +74,9 @@ def run(config: PipelineConfig, force: bool = False) -> None:
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):
-            loss = _train_step(engine, [train[i] for i in indices], sft.optim, pad_token_id(tokenizer))
+            loss = _train_step(
+                engine, [train[i] for i in indices], layout.micro_batch_size, pad_token_id(tokenizer)
+            )
         last_loss = distributed.all_reduce(loss.detach().clone(), "mean").item()
         if done % sft.log_every == 0 or done == sft.steps:
             training.tracker.log(done, {"sft/loss": last_loss, "sft/lr": engine.get_lr()[0]})
@@ -94,14 +97,13 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     )
 
 
-def _train_step(engine, batch: list[EncodedProblem], optim: OptimConfig, pad_id: int) -> torch.Tensor:
+def _train_step(engine, batch: list[EncodedProblem], micro: int, pad_id: int) -> torch.Tensor:
     """One optimizer step of completion-only NLL, token-mean over the whole global batch.
 
     DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
     ranks; scaling by (accumulation steps x ranks) / global tokens makes the accumulated gradient
     exactly that of one big batch (see `aggregate_loss`).
     """
-    micro = optim.micro_batch_size
     chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
     local_tokens = torch.tensor(float(sum(len(p.solution_ids) for p in batch)))
     global_tokens = distributed.all_reduce(local_tokens)

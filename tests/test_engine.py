@@ -25,6 +25,7 @@ from conftest import free_port
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from stages.config.batches import BatchLayout
 from stages.config.models import OptimConfig
 from stages.models.engine import (
     deepspeed_config,
@@ -89,8 +90,8 @@ def test_optim_config_validation():
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_config_completes_the_infra_file(stage):
-    optim = OptimConfig(zero_stage=stage, micro_batch_size=3, grad_accum_steps=4, grad_clip=0.5)
-    config = deepspeed_config(optim, world_size=2)
+    optim = OptimConfig(zero_stage=stage, micro_batch_size=3, grad_clip=0.5)
+    config = deepspeed_config(optim, world_size=2, layout=BatchLayout(12, 3, 4))
     assert config["zero_optimization"]["stage"] == stage
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 4

@@ -18,6 +18,7 @@ import pytest
 from cli_runs import RLPIPE
 
 from flows.params import CheckpointEvalParams, PipelineParams, StageParams
+from stages.config.section import ConfigError
 from storage.checkpoints import committed_steps
 from storage.layout import RunLayout
 from storage.location import Location
@@ -36,15 +37,15 @@ FAST = [
     "reward_model.heldout_pairs=16",
     "reward_model.steps=4",
     "reward_model.save_every=4",
+    "reward_model.batch_size=16",
     "reward_model.optim.micro_batch_size=16",
-    "reward_model.optim.grad_accum_steps=1",
     "reward_model.optim.warmup_steps=1",
     "critic_warmup.steps=2",
     "critic_warmup.save_every=2",
     "critic_warmup.prompts_per_step=8",
     "critic_warmup.samples_per_prompt=2",
+    "critic_warmup.minibatches=1",
     "critic_warmup.optim.micro_batch_size=16",
-    "critic_warmup.optim.grad_accum_steps=1",
     "critic_warmup.optim.warmup_steps=1",
     "ppo.steps=4",
     "ppo.save_every=2",
@@ -54,7 +55,6 @@ FAST = [
     "ppo.minibatches=1",
     "ppo.epochs=1",
     "ppo.policy_optim.micro_batch_size=8",
-    "ppo.policy_optim.grad_accum_steps=1",
     "ppo.critic_optim.micro_batch_size=8",
     "evaluate.benchmarks=[arith]",
     "evaluate.limit=3",
@@ -240,12 +240,26 @@ def test_bad_input_in_a_stage_is_not_retried(prefect_api, tmp_path):
 
     params = StageParams(
         run_id="badstage", storage=str(tmp_path), retries=3,
-        overrides=[*PPO_ONLY, "ppo.prompts_per_step=3"],  # rows do not split into mini-batches
+        overrides=[*PPO_ONLY, "ppo.policy_from=/nonexistent/policy"],  # found missing inside the stage
     )  # fmt: skip
     started = time.time()
-    with pytest.raises(StageFailed, match="minibatches"):
+    with pytest.raises(StageFailed, match="model not found: /nonexistent/policy"):
         pipeline.ppo(params)
     assert time.time() - started < pipeline.RETRY_DELAY_S * 3  # no retry delay was waited
+
+
+def test_a_batch_layout_that_does_not_fit_the_ranks_fails_in_the_flows_first_step(prefect_api, tmp_path):
+    from flows import pipeline
+
+    params = StageParams(
+        run_id="layout", storage=str(tmp_path), nproc=2, overrides=[*PPO_ONLY, "ppo.minibatches=5"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"are 4 rows per rank, which ppo.minibatches 5 does not divide; values that work: 4$",
+    ):
+        pipeline.ppo(params)
+    assert not (tmp_path / "layout").exists()  # refused before the run was opened or a stage launched
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_no_secret_reaches_storage_logs_or_reports(s3_root, tmp_path):
     env = {**os.environ, **SENTINELS, "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     overrides = [
         "wandb.mode=offline", "task.train_size=64", "task.heldout_size=8", "generation.max_new_tokens=16",
-        "sft.steps=2", "sft.save_every=1", "sft.optim.micro_batch_size=8",
+        "sft.steps=2", "sft.save_every=1", "sft.batch_size=8", "sft.optim.micro_batch_size=8",
         "reward_model.enabled=false", "critic_warmup.enabled=false", "ppo.enabled=false",
         "evaluate.benchmarks=[arith]", "evaluate.limits={arith: 4}", "evaluate.samples=2",
         f"storage.endpoint_url={s3_root.endpoint_url}",

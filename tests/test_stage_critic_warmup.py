@@ -45,7 +45,7 @@ WARMUP = [
     "critic_warmup.optim.lr=0.001",
     "critic_warmup.optim.warmup_steps=2",
     "critic_warmup.optim.micro_batch_size=16",
-    "critic_warmup.optim.grad_accum_steps=1",
+    "critic_warmup.minibatches=4",  # 64 rows per step: 4 optimizer steps of 16 rows per epoch
     "critic_warmup.epochs=4",  # 4 shuffled passes x 4 mini-batches: 16 updates per step
 ]
 

@@ -48,8 +48,7 @@ PPO = [
     "ppo.kl_coef=0.05",  # exercises the reference model and ref_logprobs
     # every optim field the test relies on is set: a nested override replaces the stage's defaults
     "ppo.policy_optim.lr=0.001",
-    "ppo.policy_optim.micro_batch_size=8",
-    "ppo.policy_optim.grad_accum_steps=2",
+    "ppo.policy_optim.micro_batch_size=8",  # 16 rows per optimizer step: 2 micro-batches accumulated
     "ppo.critic_optim.lr=0.001",
     "ppo.critic_optim.micro_batch_size=16",
 ]
@@ -268,9 +267,11 @@ def test_batch_layout_mismatch_fails_with_one_line(tmp_path):
     ]
     overrides += ["model.critic_init=policy", "ppo.minibatches=3"]
     proc = rlpipe("stage", STAGE, "--run-id", "x", "--storage", str(tmp_path), *sets(overrides))
-    assert proc.returncode == 1
-    assert "must equal minibatches (3)" in proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: ppo: ppo.prompts_per_step 32 x samples_per_prompt 4 are 128 rows per rank, which "
+        "ppo.minibatches 3 does not divide; values that work: 2 or 4"
+    )
+    assert not (tmp_path / "x").exists()  # refused before the run was written
 
 
 def test_two_ranks_whiten_over_the_global_batch_and_write_one_part_each(base, tmp_path):
@@ -282,7 +283,6 @@ def test_two_ranks_whiten_over_the_global_batch_and_write_one_part_each(base, tm
         "ppo.save_every=2",
         "ppo.kl_coef=0.0",
         "ppo.policy_optim.micro_batch_size=8",
-        "ppo.policy_optim.grad_accum_steps=1",
         "ppo.critic_optim.micro_batch_size=8",
     ]
     args = ["stage", STAGE, "--run-id", "two", "--storage", str(root), "--nproc", "2"]

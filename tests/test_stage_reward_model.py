@@ -32,8 +32,8 @@ FAST = [
     "reward_model.steps=8",
     "reward_model.save_every=4",
     "reward_model.log_every=1",
-    "reward_model.optim.micro_batch_size=8",
-    "reward_model.optim.grad_accum_steps=2",
+    "reward_model.batch_size=16",
+    "reward_model.optim.micro_batch_size=8",  # 2 micro-batches accumulated per step
     "reward_model.optim.warmup_steps=2",
 ]
 # Pairs with a signal the random tiny model learns in a few steps: a worked answer over a non-answer.
@@ -48,6 +48,7 @@ EASY = [
     f"reward_model.steps={EASY_STEPS}",
     f"reward_model.save_every={EASY_STEPS}",
     "reward_model.log_every=1",
+    "reward_model.batch_size=16",
     "reward_model.optim.micro_batch_size=16",
     "reward_model.optim.lr=0.003",
     "reward_model.optim.schedule=constant",

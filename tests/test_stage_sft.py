@@ -30,8 +30,8 @@ FAST = [
     "sft.steps=8",
     "sft.save_every=4",
     "sft.log_every=1",
-    "sft.optim.micro_batch_size=8",
-    "sft.optim.grad_accum_steps=2",
+    "sft.batch_size=16",
+    "sft.optim.micro_batch_size=8",  # 2 micro-batches accumulated per step
 ]
 
 
@@ -191,8 +191,8 @@ def test_two_ranks_commit_every_ranks_state_and_resume_exactly(tmp_path):
         *FAST,
         "sft.steps=4",
         "sft.save_every=2",
+        "sft.batch_size=8",
         "sft.optim.micro_batch_size=4",
-        "sft.optim.grad_accum_steps=1",
     ]
     first = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "2", *sets(small))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -205,6 +205,13 @@ def test_two_ranks_commit_every_ranks_state_and_resume_exactly(tmp_path):
     layout.manifest("sft").remove()
     layout.checkpoint("sft", 4).remove(recursive=True)
     layout.final("sft", "policy").remove(recursive=True)
+    # On another number of ranks the checkpoint of step 2 is refused in one line, before any work.
+    other = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "1")
+    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1] == (
+        "error: stage sft failed: sft of run two was checkpointed on 2 rank(s) (step 2) and resumes only "
+        "on as many: rerun with --nproc 2, or with --force to start it over"
+    )
+    assert committed_steps(layout.checkpoints("sft")) == [2]
     second = rlpipe("stage", "sft", "--run-id", "two", "--storage", str(root), "--nproc", "2")
     assert second.returncode == 0, second.stdout + second.stderr
     resumed = final_weights(layout)

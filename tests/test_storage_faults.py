@@ -117,7 +117,7 @@ def test_a_stage_completes_on_a_flaky_store(flaky_root):
     before = dict(proxy.counts)
     overrides = [
         "wandb.mode=disabled", "task.train_size=64", "task.heldout_size=8", "generation.max_new_tokens=16",
-        "sft.steps=4", "sft.save_every=2", "sft.optim.micro_batch_size=8", f"storage.endpoint_url={proxy.url}",
+        "sft.steps=4", "sft.save_every=2", "sft.batch_size=8", "sft.optim.micro_batch_size=8", f"storage.endpoint_url={proxy.url}",
     ]  # fmt: skip
     rlpipe = str(Path(sys.executable).parent / "rlpipe")
     proc = subprocess.run(

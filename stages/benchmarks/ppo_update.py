@@ -62,9 +62,9 @@ def bench_config(bench: PPOBench):
         raise ValueError(
             f"prompts x samples_per_prompt ({rows}) must divide by minibatches ({bench.minibatches})"
         )
-    micro = rows // bench.minibatches
+    micro = rows // bench.minibatches  # one micro-batch per optimizer step, as TRL's side
     optim = (
-        f"{{lr: {bench.lr}, micro_batch_size: {micro}, grad_accum_steps: 1, warmup_steps: 0, schedule: constant, "
+        f"{{lr: {bench.lr}, micro_batch_size: {micro}, warmup_steps: 0, schedule: constant, "
         f"zero_stage: {bench.zero_stage}}}"
     )
     tiny = BENCH_TINY.model_dump()
@@ -101,6 +101,7 @@ def bench_prompts(bench: PPOBench, tokenizer) -> list[list]:
 
 def run_rlpipe(bench: PPOBench) -> dict[str, Any]:
     """`warmup + updates` steps of the ppo stage's code on this workload; timings of the last `updates`."""
+    from stages.config.batches import stage_layouts
     from stages.models.tokenizer import load_tokenizer, pad_token_id
     from stages.ppo.engines import build_models
     from stages.ppo.step import StepTimer, run_step
@@ -112,7 +113,8 @@ def run_rlpipe(bench: PPOBench) -> dict[str, Any]:
     directory = model_dir(bench)
     tokenizer = load_tokenizer(directory)
     torch.manual_seed(bench.seed)
-    models = build_models(config.ppo, config.model, {"policy": directory, "critic": directory})
+    batches = stage_layouts(config, "ppo", distributed.world_size())
+    models = build_models(config.ppo, config.model, {"policy": directory, "critic": directory}, batches)
     generator = make_generator(
         config.generation, directory if config.generation.backend == "vllm" else models.policy,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), seed=bench.seed,

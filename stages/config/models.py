@@ -126,9 +126,12 @@ class OptimConfig(Section):
         description="DeepSpeed ZeRO stage: 0 replicates everything, 2 shards optimizer state and gradients, "
         "3 also shards parameters (infra/deepspeed/zero{0,2,3}.json).",
     )
-    micro_batch_size: int = Field(1, ge=1, description="Sequences per forward/backward pass per rank.")
-    grad_accum_steps: int = Field(
-        1, ge=1, description="Micro-batches accumulated per optimizer step (per rank)."
+    micro_batch_size: int = Field(
+        1,
+        ge=1,
+        description="Most rows one device runs through the model at once (a memory knob only): each rank's "
+        "share of an optimizer step is cut into micro-batches of this size (or the share, if smaller); "
+        "gradient accumulation is derived from the stage's global batch size and the number of ranks.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Training precision: auto = bf16 on CUDA, fp32 on CPU (CPUs train in fp32)."

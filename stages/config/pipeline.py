@@ -6,6 +6,7 @@ composes them, and `load_config` reads a recipe with overrides into one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,30 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     """Recipe (default: the offline `tiny` recipe) + overrides -> validated PipelineConfig."""
     data: dict[str, Any] = load_recipe(recipe or DEFAULT_RECIPE)
     return validate_config(apply_overrides(data, overrides or [], PipelineConfig), PipelineConfig)
+
+
+def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config in today's keys, so a run made by an earlier version still opens.
+
+    Before global batch sizes, each engine's `optim.grad_accum_steps` set the per-rank batch
+    (micro_batch_size x grad_accum_steps). On one rank, the layout those recipes ran on, that is:
+    `sft.batch_size` / `reward_model.batch_size` = micro x accumulation, and critic warmup's
+    `minibatches` = its rows per step / (micro x accumulation); PPO's `minibatches` was global already.
+    """
+    data = json.loads(json.dumps(data))
+    for stage, optims in (("sft", ["optim"]), ("reward_model", ["optim"]), ("critic_warmup", ["optim"]),
+                          ("ppo", ["policy_optim", "critic_optim"])):  # fmt: skip
+        section = data.get(stage)
+        if not isinstance(section, dict):
+            continue
+        for name in optims:
+            optim = section.get(name)
+            if not isinstance(optim, dict) or "grad_accum_steps" not in optim:
+                continue
+            rows = optim.get("micro_batch_size", 1) * optim.pop("grad_accum_steps")
+            if stage in ("sft", "reward_model"):
+                section.setdefault("batch_size", rows)
+            elif stage == "critic_warmup":
+                per_step = section.get("prompts_per_step", 32) * section.get("samples_per_prompt", 4)
+                section.setdefault("minibatches", max(per_step // rows, 1))
+    return data

@@ -37,8 +37,8 @@ class PPOConfig(Section):
     minibatches: int = Field(
         2,
         ge=1,
-        description="Optimizer steps per epoch: the step's rows are split into this many shuffled parts; "
-        "each part per rank must equal micro_batch_size x grad_accum_steps of every engine.",
+        description="Optimizer steps per epoch: each step's rows (over all ranks) are split into this many "
+        "shuffled mini-batches; each engine's micro_batch_size only caps the rows per forward on a device.",
     )
     gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
     lam_policy: float = Field(

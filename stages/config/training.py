@@ -15,6 +15,9 @@ class SFTConfig(Section):
         True, description="Run the SFT warm start (the tiny recipe needs it: its model starts random)."
     )
     steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(
+        32, ge=1, description="Sequences per optimizer step over all ranks (the same on 1 or N ranks)."
+    )
     save_every: int = non_semantic(
         100, ge=1, description="Commit a checkpoint every N steps (and at the end)."
     )
@@ -24,7 +27,7 @@ class SFTConfig(Section):
     log_every: int = non_semantic(10, ge=1, description="Write metrics every N steps.")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, micro_batch_size=32, weight_decay=0.0),
-        description="Optimizer and DeepSpeed layout; global batch = micro_batch_size x grad_accum_steps x ranks.",
+        description="Optimizer and DeepSpeed layout; micro_batch_size caps the sequences per forward on a device.",
     )
 
 
@@ -66,6 +69,9 @@ class RewardModelConfig(Section):
         description="Reward centering: adds coef * mean((r_chosen + r_rejected)^2), keeping scores near 0.",
     )
     steps: int = Field(RM_DEFAULT_STEPS, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(
+        32, ge=1, description="Preference pairs per optimizer step over all ranks (the same on 1 or N ranks)."
+    )
     save_every: int = non_semantic(
         200, ge=1, description="Commit a checkpoint every N steps (and at the end)."
     )
@@ -108,6 +114,12 @@ class CriticWarmupConfig(Section):
         1.0, ge=0, le=1, description="GAE lambda of the value targets (1.0: Monte-Carlo returns)."
     )
     epochs: int = Field(1, ge=1, description="Passes of critic updates over each step's rollouts.")
+    minibatches: int = Field(
+        4,
+        ge=1,
+        description="Optimizer steps per epoch: each step's rows (over all ranks) are split into this many "
+        "shuffled mini-batches.",
+    )
     steps: int = Field(30, ge=1, description="Steps (generate + score + critic updates).")
     save_every: int = non_semantic(
         10, ge=1, description="Commit a checkpoint every N steps (and at the end)."
@@ -118,5 +130,5 @@ class CriticWarmupConfig(Section):
     log_every: int = non_semantic(1, ge=1, description="Write metrics every N steps.")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, micro_batch_size=32),
-        description="The critic's optimizer and DeepSpeed layout.",
+        description="The critic's optimizer and DeepSpeed layout; micro_batch_size caps the rows per forward on a device.",
     )

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from stages.config.overrides import apply_overrides, load_recipe, validate_config
-from stages.config.pipeline import DEFAULT_RECIPE, PipelineConfig
+from stages.config.pipeline import DEFAULT_RECIPE, PipelineConfig, upgrade_stored_config
 from stages.config.section import ConfigError, config_hash
 from storage.layout import RunLayout, validate_run_id
 from storage.manifests import read_pipeline_record, write_pipeline_record
@@ -51,7 +51,7 @@ def resolve_config(
     if record is None:
         return config, False
     # An existing run keeps its own config; only the overrides given now change it.
-    stored = dict(record["config"])
+    stored = upgrade_stored_config(record["config"])
     stored["storage"] = config.storage.model_dump()  # where it was found now, not where it was made
     return validate_config(apply_overrides(stored, overrides, PipelineConfig), PipelineConfig), True
 

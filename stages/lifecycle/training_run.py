@@ -25,15 +25,17 @@ from typing import Any
 from stages.config.pipeline import PipelineConfig
 from stages.lifecycle.contract import (
     StageContext,
+    StageError,
     StagePlan,
     begin_stage,
     check_resumable,
     finish_stage,
 )
 from stages.lifecycle.tracking import MetricsTracker
-from stages.models.engine import load_training_state, save_training_state
+from stages.models.engine import checkpoint_world_size, load_training_state, save_training_state
 from stages.models.sources import export_model_dir
 from stages.runtime import distributed
+from storage.checkpoints import latest_committed_step
 from storage.location import Location
 
 
@@ -45,7 +47,24 @@ def claim_stage(stage: str, config: PipelineConfig, plan: StagePlan, force: bool
     )
     if ctx is None:
         distributed.print0(f"{stage}: complete for this config and inputs, skipped (use --force to rerun)")
+        return None
+    _check_checkpoint_ranks(ctx)
     return ctx
+
+
+def _check_checkpoint_ranks(ctx: StageContext) -> None:
+    """Refuse, in one line and before any model is loaded, to resume on another number of ranks.
+
+    ZeRO partitions optimizer state by rank, and each rank's RNG is saved on its own: a checkpoint
+    resumes on the world size that wrote it (re-sharding it is not supported yet)."""
+    checkpoints = ctx.layout.checkpoints(ctx.stage)
+    step = latest_committed_step(checkpoints)
+    written_on = checkpoint_world_size(checkpoints, step) if step is not None else None
+    if written_on is not None and written_on != ctx.world_size:
+        raise StageError(
+            f"{ctx.stage} of run {ctx.config.run_id} was checkpointed on {written_on} rank(s) (step {step}) and "
+            f"resumes only on as many: rerun with --nproc {written_on}, or with --force to start it over"
+        )
 
 
 @dataclass

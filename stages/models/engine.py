@@ -59,9 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.config.batches import BatchLayout
 from stages.config.models import OptimConfig
 from stages.runtime import distributed
-from storage.checkpoints import CheckpointError, commit_checkpoint, restore_latest
+from storage.checkpoints import CheckpointError, commit_checkpoint, read_commit_record, restore_latest
 from storage.layout import step_dir_name
 from storage.location import Location
 
@@ -116,12 +117,17 @@ def use_bf16(optim: OptimConfig) -> bool:
     return optim.precision == "bf16" or (optim.precision == "auto" and torch.cuda.is_available())
 
 
-def deepspeed_config(optim: OptimConfig, world_size: int) -> dict[str, Any]:
-    """The infra base config of `optim.zero_stage`, completed with the run-time values."""
+def deepspeed_config(
+    optim: OptimConfig, world_size: int, layout: BatchLayout | None = None
+) -> dict[str, Any]:
+    """The infra base config of `optim.zero_stage`, completed with the run-time values: the batch
+    layout (`stages.config.batches`; None: one micro-batch of `optim.micro_batch_size` per step),
+    clipping, precision."""
+    layout = layout or BatchLayout(optim.micro_batch_size, optim.micro_batch_size, 1)
     config = json.loads((DEEPSPEED_CONFIG_DIR / f"zero{optim.zero_stage}.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = optim.micro_batch_size
-    config["gradient_accumulation_steps"] = optim.grad_accum_steps
-    config["train_batch_size"] = optim.micro_batch_size * optim.grad_accum_steps * world_size
+    config["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
+    config["gradient_accumulation_steps"] = layout.grad_accum_steps
+    config["train_batch_size"] = layout.micro_batch_size * layout.grad_accum_steps * world_size
     config["gradient_clipping"] = optim.grad_clip or 0.0
     config["bf16"] = {**config.get("bf16", {}), "enabled": use_bf16(optim)}
     return config
@@ -136,10 +142,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, optim: OptimConfig):
+def build_engine(model: torch.nn.Module, optim: OptimConfig, layout: BatchLayout | None = None):
     """Wrap `model` in a DeepSpeed engine with its own AdamW and warmup + constant/cosine LambdaLR.
 
-    The engine steps the scheduler once per optimizer step (at the accumulation boundary).
+    `layout`: the micro-batches of one optimizer step on this rank (`deepspeed_config`). The engine
+    steps the scheduler once per optimizer step (at the accumulation boundary).
     """
     import deepspeed
 
@@ -154,7 +161,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(optim, distributed.world_size()),
+        config=deepspeed_config(optim, distributed.world_size(), layout),
         dist_init_required=False,
     )
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
@@ -241,6 +248,15 @@ HF_EXPORTS = "hf"  # folder of a checkpoint holding Hugging Face exports of its 
 
 def _rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.json"
+
+
+def checkpoint_world_size(checkpoints: Location, step: int) -> int | None:
+    """The number of ranks that wrote committed step `step` (one RNG file each); None if unreadable."""
+    try:
+        files = read_commit_record(checkpoints, step)["files"]
+    except CheckpointError:  # corrupt: resume falls back to an older checkpoint and says so
+        return None
+    return sum(1 for name in files if name.startswith("rng/rank_")) or None
 
 
 # ---- training state through the commit protocol --------------------------------------------------

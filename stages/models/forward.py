@@ -15,14 +15,13 @@ Every forward here passes `use_cache=False`: a KV cache only wastes memory in tr
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from stages.algorithms import entropy_from_logits
-from stages.models.value_head import per_position_values
+from stages.models.value_head import per_position_values, supports_logits_to_keep
 
 Tensor = torch.Tensor
 
@@ -139,18 +138,12 @@ def _micro_batches(batch: TokenBatch, micro_batch_size: int | None):
         yield batch.rows(start, min(start + size, B))
 
 
-def _supports_logits_to_keep(model: nn.Module) -> bool:
-    module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
-    return "logits_to_keep" in inspect.signature(module.forward).parameters
-
-
-def _aligned_logits(
-    model: nn.Module, mb: TokenBatch, with_values: nn.Module | None = None
-) -> Tensor | tuple[Tensor, Tensor]:
+def _aligned_logits(model: nn.Module, mb: TokenBatch, shared: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Logits [b, T, V] at `logit_positions_BT` (the outputs that predict each response token).
 
-    With `with_values` (a scalar head), also that head on the final hidden state at the same
-    positions, values [b, T], from the same forward.
+    `shared`: `model` is a PolicyWithValueHead (or its engine); then also its values [b, T] at the
+    same positions, from the same forward. The forward goes through `model` itself (an engine's own
+    forward: see `per_position_values`).
     """
     inputs = {
         "input_ids": mb.input_ids_BL,
@@ -160,22 +153,18 @@ def _aligned_logits(
     rows_BT = torch.arange(mb.input_ids_BL.shape[0], device=mb.input_ids_BL.device)[:, None]
     rows_BT = rows_BT.expand_as(mb.logit_positions_BT)
     cols_BT = mb.logit_positions_BT
-    hidden = {"output_hidden_states": True} if with_values is not None else {}
-    if _supports_logits_to_keep(model):
+    module = getattr(model, "module", model)
+    kept_cols_BT, keep = cols_BT, {}
+    if supports_logits_to_keep(module.policy if shared else module):
         # the LM head runs only on the columns that predict a response token (not on prompts)
         kept_K = torch.unique(cols_BT[mb.response_mask_BT]) if mb.response_mask_BT.any() else cols_BT[:1, 0]
         lookup_N = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.long, device=kept_K.device)
         lookup_N[kept_K] = torch.arange(kept_K.numel(), device=kept_K.device)
-        out = model(**inputs, logits_to_keep=kept_K, use_cache=False, **hidden)
-        kept_cols_BT = lookup_N[cols_BT]
-    else:
-        out = model(**inputs, use_cache=False, **hidden)
-        kept_cols_BT = cols_BT
-    logits = out.logits[rows_BT, kept_cols_BT]
-    if with_values is None:
-        return logits
-    hidden_BTH = out.hidden_states[-1][rows_BT, cols_BT]  # the final (normed) hidden state
-    return logits, with_values(hidden_BTH).squeeze(-1).float()
+        kept_cols_BT, keep = lookup_N[cols_BT], {"logits_to_keep": kept_K}
+    if shared:
+        logits, values_BL = model(**inputs, **keep)
+        return logits[rows_BT, kept_cols_BT], values_BL[rows_BT, cols_BT].float()
+    return model(**inputs, **keep, use_cache=False).logits[rows_BT, kept_cols_BT]
 
 
 def response_logprobs(
@@ -218,10 +207,9 @@ def response_logprobs_and_values(
     """(logprobs_BT, entropy_BT or None, values_BT) of a shared critic (`PolicyWithValueHead`, or a
     DeepSpeed engine wrapping one) from ONE trunk forward: the same numbers as `response_logprobs`
     on its policy plus `response_values` on it, at the cost of one forward instead of two."""
-    module = getattr(shared, "module", shared)
     logprob_parts, entropy_parts, value_parts = [], [], []
     for mb in _micro_batches(batch, micro_batch_size):
-        z_BTV, values_BT = _aligned_logits(module.policy, mb, with_values=module.value_head)
+        z_BTV, values_BT = _aligned_logits(shared, mb, shared=True)
         z_BTV = z_BTV.float() / temperature
         logprobs_BT = z_BTV.gather(-1, mb.response_ids_BT[..., None]).squeeze(-1) - torch.logsumexp(
             z_BTV, dim=-1

@@ -128,6 +128,12 @@ def load_value_model(
     head_missing = any(key.split(".")[0] == "score" for key in info["missing_keys"])
     if head_missing and new_head == "zero":
         zero_head_(model.score)
+    text_config = model.config.get_text_config()
+    if text_config.pad_token_id is None:
+        # transformers' classifier forward refuses a batch without a pad id (to pool its last-token
+        # score); values are read at every position (`per_position_values`), so any id will do: EOS.
+        eos = text_config.eos_token_id
+        text_config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     return model
 
 

@@ -13,6 +13,7 @@ unset, or equal to the EOS that ends every response).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,27 +60,36 @@ class PolicyWithValueHead(nn.Module):
         return self.policy.dtype
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """One forward: (logits [B, L, V], values [B, L]); the values read the final (normed) hidden state."""
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        values_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor]:
+        """One trunk forward: (logits, values [B, L]); the values read the final (normed) hidden state.
+
+        `logits_to_keep`: as transformers' causal LMs (0: every position; a tensor: those positions).
+        `values_only`: the backbone without the LM head, no logits at all (None). Everything runs
+        inside this forward, so a DeepSpeed engine wrapping the module (ZeRO-3 gathers parameters
+        only inside the engine's forward) computes both heads.
+        """
+        if values_only:
+            backbone = getattr(self.policy, self.policy.base_model_prefix)
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            return None, self.value_head(hidden).squeeze(-1)
+        keep = {"logits_to_keep": logits_to_keep} if supports_logits_to_keep(self.policy) else {}
         out = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=True,
             use_cache=False,
+            **keep,
         )
         return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
-
-    def values(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
-    ) -> Tensor:
-        """Values only [B, L]: the backbone without the LM head (no [B, L, V] logits)."""
-        backbone = getattr(self.policy, self.policy.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return self.value_head(hidden).squeeze(-1)
 
     def copy_head_from(self, scorer: PreTrainedModel) -> None:
         """Initialise the value head from a sequence classifier's score head (e.g. the trained RM)."""
@@ -137,27 +147,37 @@ def per_position_values(
     """Scalar head on the final hidden state at EVERY position: values_BL (float32).
 
     `critic` is a sequence classifier with one label (separate critic, reward model) or a
-    `PolicyWithValueHead` (shared critic), or a DeepSpeed engine wrapping either.
-    `attention_mask_BL` is the usual 2-D padding mask, or a 4-D mask (packed sequences), in which
-    case `position_ids_BL` is required. The value at position i sees tokens 0..i only.
+    `PolicyWithValueHead` (shared critic), or a DeepSpeed engine wrapping either. The forward goes
+    through `critic` itself, never around it: under ZeRO-3 an engine gathers its parameters (tied
+    ones included) only inside its own forward, and a submodule called directly trains wrongly on
+    several ranks (tests/test_equal_updates.py). A classifier's per-position scores are read with a
+    hook on its score head (its forward returns only the pooled last-token score).
+    `attention_mask_BL` is the 2-D padding mask; the value at position i sees tokens 0..i only.
     """
     if position_ids_BL is None:
-        if attention_mask_BL.dim() != 2:
-            raise ValueError("position_ids_BL is required with a 4-D attention mask")
         position_ids_BL = positions_from_mask(attention_mask_BL)
     module = getattr(critic, "module", critic)  # a DeepSpeed engine holds the model in `.module`
     if isinstance(module, PolicyWithValueHead):
-        values_BL = module.values(input_ids_BL, attention_mask_BL, position_ids_BL)
-    else:
-        backbone = getattr(module, module.base_model_prefix)
-        hidden_BLH = backbone(
+        _, values_BL = critic(input_ids_BL, attention_mask_BL, position_ids_BL, values_only=True)
+        return values_BL.float()
+    scores: list[Tensor] = []
+    hook = module.score.register_forward_hook(lambda _module, _inputs, output: scores.append(output))
+    try:
+        critic(
             input_ids=input_ids_BL,
             attention_mask=attention_mask_BL,
             position_ids=position_ids_BL,
             use_cache=False,
-        ).last_hidden_state
-        values_BL = module.score(hidden_BLH).squeeze(-1)
-    return values_BL.float()
+        )
+    finally:
+        hook.remove()
+    return scores[-1].squeeze(-1).float()
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (the LM head on a few positions only)."""
+    module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def reward_model_scores(rm: nn.Module, input_ids_BL: Tensor, attention_mask_BL: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ def old_quantities(
             models.critic, batch, temperature, micro_batch_size
         )
     else:
-        logprobs_BT, _ = response_logprobs(models.policy, batch, temperature, micro_batch_size)
+        logprobs_BT, _ = response_logprobs(models.policy_engine, batch, temperature, micro_batch_size)
     sampler_BT = torch.zeros_like(logprobs_BT)
     for b, s in enumerate(scored):
         sampler_BT[b, : len(s.logprobs)] = torch.tensor(s.logprobs)

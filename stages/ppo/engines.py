@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.config.batches import BatchLayout
 from stages.config.models import ModelConfig
 from stages.config.ppo import PPOConfig
 from stages.critic.value_model import build_critic
@@ -14,11 +15,13 @@ from stages.models.loading import load_options, load_policy, load_reference, loa
 
 class Models:
     """What trains and what scores. `policy` is the live causal LM (the generator samples from it);
-    `critic` reads values (a sequence classifier, or the PolicyWithValueHead of shared mode; None for grpo)."""
+    `critic` reads values (a sequence classifier, or the PolicyWithValueHead of shared mode; None for grpo).
+    `batches`: each engine's micro-batches per optimizer step on this rank (`stages.config.batches`)."""
 
-    def __init__(self, policy_engine, critic_engine, critic, reference, rm, shared: bool):
+    def __init__(self, policy_engine, critic_engine, critic, reference, rm, shared: bool, batches: dict):
         self.policy_engine, self.critic_engine = policy_engine, critic_engine
         self.critic, self.reference, self.rm, self.shared = critic, reference, rm, shared
+        self.batches: dict[str, BatchLayout] = batches
         module = policy_engine.module
         self.policy = module.policy if shared else module
 
@@ -31,22 +34,26 @@ class Models:
         }
 
 
-def build_models(ppo: PPOConfig, model: ModelConfig, dirs: dict[str, str]) -> Models:
+def build_models(
+    ppo: PPOConfig, model: ModelConfig, dirs: dict[str, str], batches: dict[str, BatchLayout]
+) -> Models:
     """The engines and frozen models from their local directories (`policy`, `critic` unless grpo,
-    `reward_model` when it scores); the reference is the policy's files, loaded only with KL."""
+    `reward_model` when it scores); the reference is the policy's files, loaded only with KL.
+    `batches`: the layouts of `policy_optim` (and `critic_optim`) on this rank."""
     options = load_options(model)
     policy = load_policy(dirs["policy"], **options)
     reference = load_reference(dirs["policy"], **options) if ppo.kl_coef > 0 else None
     rm = load_reward_model(dirs["reward_model"], **options) if "reward_model" in dirs else None
     if "critic" not in dirs:  # grpo: no critic at all
-        return Models(build_engine(policy, ppo.policy_optim), None, None, reference, rm, shared=False)
+        engine = build_engine(policy, ppo.policy_optim, batches["policy_optim"])
+        return Models(engine, None, None, reference, rm, shared=False, batches=batches)
     critic = build_critic(model, dirs["critic"], policy, dirs["policy"])
     if model.critic_mode == "shared":  # one engine: policy backbone + value head, both losses
-        engine = build_engine(critic, ppo.policy_optim)
-        return Models(engine, None, engine, reference, rm, shared=True)
-    critic_engine = build_engine(critic, ppo.critic_optim)
-    policy_engine = build_engine(policy, ppo.policy_optim)
-    return Models(policy_engine, critic_engine, critic_engine, reference, rm, shared=False)
+        engine = build_engine(critic, ppo.policy_optim, batches["policy_optim"])
+        return Models(engine, None, engine, reference, rm, shared=True, batches=batches)
+    critic_engine = build_engine(critic, ppo.critic_optim, batches["critic_optim"])
+    policy_engine = build_engine(policy, ppo.policy_optim, batches["policy_optim"])
+    return Models(policy_engine, critic_engine, critic_engine, reference, rm, shared=False, batches=batches)
 
 
 def save_hf_models(models: Models, tokenizer, folder: Path) -> list[str]:

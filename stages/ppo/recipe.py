@@ -31,8 +31,8 @@ from functools import partial
 
 import torch
 
+from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
-from stages.config.ppo import PPOConfig
 from stages.data.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.evaluation.heldout import heldout_accuracy
 from stages.lifecycle.contract import StageError, StagePlan, make_plan
@@ -67,15 +67,13 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if ctx is None:
         return
     layout, rank, world = ctx.layout, ctx.rank, ctx.world_size
-    _check_batch_layout(
-        ppo, ppo.advantage_estimator == "gae" and config.model.critic_mode == "separate", world
-    )
+    batches = stage_layouts(config, STAGE, world)  # each engine's micro-batches per optimizer step
 
     # 2. Models: policy (+ shared value head) engine, separate critic engine, reference, RM; generator.
     dirs = {name: resolve_model_dir(uri, config.tiny_model, ctx.endpoint_url) for name, uri in inputs.items()}
     tokenizer = load_tokenizer(dirs["policy"], config.model.trust_remote_code)
     torch.manual_seed(config.seed)
-    models = build_models(ppo, config.model, dirs)
+    models = build_models(ppo, config.model, dirs, batches)
     # hf samples from the live policy module; vllm starts from the policy's files, then gets every
     # update pushed (`push_weights`), and sleeps through the updates when colocated.
     generator = make_generator(
@@ -174,24 +172,3 @@ def _input_uris(config: PipelineConfig) -> dict[str, str]:
     if rm is not None:
         inputs["reward_model"] = rm
     return inputs
-
-
-def _check_batch_layout(ppo: PPOConfig, separate_critic: bool, world: int) -> None:
-    """A step's rows split evenly over ranks, then into `minibatches` optimizer batches of every engine."""
-    if ppo.prompts_per_step % world:
-        raise StageError(
-            f"{STAGE}: prompts_per_step ({ppo.prompts_per_step}) must divide by the ranks ({world})"
-        )
-    rows = ppo.prompts_per_step // world * ppo.samples_per_prompt
-    optims = {
-        "policy_optim": ppo.policy_optim,
-        **({"critic_optim": ppo.critic_optim} if separate_critic else {}),
-    }
-    for name, optim in optims.items():
-        per_update = optim.micro_batch_size * optim.grad_accum_steps
-        if rows != ppo.minibatches * per_update:
-            raise StageError(
-                f"{STAGE}: {rows} rows per rank per step (prompts_per_step / ranks x samples_per_prompt) must "
-                f"equal minibatches ({ppo.minibatches}) x {name}.micro_batch_size x {name}.grad_accum_steps "
-                f"({per_update})"
-            )

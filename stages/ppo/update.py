@@ -66,9 +66,10 @@ def update(
             )
             _record(norms, "grad_norm_policy", norm)
         if models.critic_engine is not None:
+            critic_batches = models.batches["critic_optim"]
             critic_stats, norm = critic_update_step(
                 models.critic_engine, models.critic_engine, rollout.rows, part, targets,
-                micro_batch_size=ppo.critic_optim.micro_batch_size, grad_accum_steps=ppo.critic_optim.grad_accum_steps,
+                micro_batch_size=critic_batches.micro_batch_size, grad_accum_steps=critic_batches.grad_accum_steps,
                 clip_range=ppo.vf_clip, agg=ppo.loss_agg, count=count, coef=ppo.value_loss_coef,
             )  # fmt: skip
             _record(norms, "grad_norm_critic", norm)
@@ -107,9 +108,9 @@ def _policy_step(
 ) -> float | None:
     """One optimizer step of the policy engine (+ the value loss in shared mode) over the rows
     `part`; adds the summed statistics to `stats`, returns the gradient norm before clipping."""
-    engine, optim = models.policy_engine, ppo.policy_optim
+    engine, batches = models.policy_engine, models.batches["policy_optim"]
     norm = None
-    for idx in part.split(optim.micro_batch_size):
+    for idx in part.split(batches.micro_batch_size):
         mb = rollout.rows.batch(idx)
         loss, values_BT = torch.zeros(()), None
         if train_policy:
@@ -118,7 +119,7 @@ def _policy_step(
                     engine, mb, temperature, with_entropy=True
                 )
             else:
-                logprobs_BT, entropy_BT = response_logprobs(models.policy, mb, temperature, with_entropy=True)
+                logprobs_BT, entropy_BT = response_logprobs(engine, mb, temperature, with_entropy=True)
             loss, policy_stats = _policy_terms(logprobs_BT, entropy_BT, idx, rollout, old, adv, ppo, counts)
             _add(stats, policy_stats)
         if models.shared:
@@ -127,7 +128,7 @@ def _policy_step(
             loss = loss + ppo.value_loss_coef * value
             _add(stats, value_stats)
         require_finite(loss, "policy loss" if train_policy else "value loss")
-        engine.backward(loss * accumulation_scale(optim.grad_accum_steps))
+        engine.backward(loss * accumulation_scale(batches.grad_accum_steps))
         step_norm = step_engine(engine)  # every micro-batch; a norm only at the accumulation boundary
         norm = norm if step_norm is None else step_norm
     return norm

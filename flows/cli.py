@@ -132,22 +132,43 @@ def stage(
     storage: StorageOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Ranks (DeepSpeed launcher when > 1).")] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option("--nproc", min=1, help="Ranks (per node with --nodes; DeepSpeed launcher when > 1)."),
+    ] = 1,
     force: Annotated[
         bool, typer.Option("--force", help="Recompute even if complete for this config.")
     ] = False,
+    nodes: Annotated[
+        int, typer.Option("--nodes", min=1, help="Nodes of the launch: run this same command on each.")
+    ] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (0..nodes-1).")] = 0,
+    master_addr: Annotated[
+        str, typer.Option("--master-addr", help="Address of node 0 (with --nodes > 1).")
+    ] = "127.0.0.1",
+    master_port: Annotated[
+        int, typer.Option("--master-port", min=1, max=65535, help="A free port on node 0 (with --nodes > 1).")
+    ] = 29500,
 ) -> None:
-    """Run or resume one stage of a run (resumes from its last committed checkpoint)."""
-    from flows.launcher import run_stage_process
+    """Run or resume one stage of a run (resumes from its last committed checkpoint).
+
+    Several nodes: the same command on every node, each with its --node-rank; storage must be
+    shared (S3) and the staging folder (TMPDIR) a filesystem every node sees (infra/README.md).
+    """
+    from flows.launcher import Nodes, run_stage_process
     from stages.config.batches import check_batch_layouts
     from stages.lifecycle.runs import open_run, resolve_config
 
     if name not in STAGE_NAMES:
         raise ConfigError(f"unknown stage '{name}' (available: {', '.join(STAGE_NAMES)})")
+    try:
+        launch = Nodes(nodes, node_rank, master_addr, master_port) if nodes > 1 else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     config, _ = resolve_config(recipe, set_, run_id=run_id, storage=storage)
-    check_batch_layouts(config, nproc, [name])  # before anything is written or launched
+    check_batch_layouts(config, nproc * nodes, [name])  # before anything is written or launched
     open_run(config)
-    run_stage_process(name, config, nproc=nproc, force=force, log_line=typer.echo)
+    run_stage_process(name, config, nproc=nproc, force=force, log_line=typer.echo, nodes=launch)
 
 
 @app.command("config")

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.config.pipeline import PipelineConfig
@@ -111,28 +112,51 @@ def _cuda_available() -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """This node's place in a launch over several nodes: the same command runs on every node with
+    its own `rank` (DeepSpeed's no-SSH mode), all meeting at `master_addr:master_port`."""
+
+    count: int
+    rank: int
+    master_addr: str
+    master_port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.count:
+            raise ValueError(
+                f"node rank {self.rank} is not one of the {self.count} nodes (0..{self.count - 1})"
+            )
+
+
 def stage_command(
-    stage: str, config_path: str, nproc: int, force: bool, stage_args: list[str] | None = None
+    stage: str,
+    config_path: str,
+    nproc: int,
+    force: bool,
+    stage_args: list[str] | None = None,
+    nodes: Nodes | None = None,
+    workdir: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and extra environment that run `stage` with `nproc` ranks; `stage_args` are
-    the stage's own options (e.g. evaluate's `--checkpoint URI --label L`)."""
+    """The command line and extra environment that run `stage` with `nproc` ranks (per node, with
+    `nodes`); `stage_args` are the stage's own options (e.g. evaluate's `--checkpoint URI --label L`).
+    Several nodes need `workdir`, where the launch's hostfile is written."""
     args = ["--config", config_path] + (["--force"] if force else []) + list(stage_args or [])
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     if not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
-    if nproc <= 1:
+    if nproc <= 1 and nodes is None:
         return [sys.executable, "-m", f"stages.{stage}", *args], env
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    command = [
-        launcher,
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        f"stages.{stage}",
-    ]
-    return [*command, *args], env
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc)]
+    if nodes is None:
+        launcher += ["--master_port", str(free_port())]
+    else:
+        # One line per node: the names only count the nodes and their ranks (no SSH is used).
+        hostfile = Path(workdir or tempfile.gettempdir()) / "hostfile"
+        hostfile.write_text("".join(f"node-{i} slots={nproc}\n" for i in range(nodes.count)))
+        launcher += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(nodes.rank)]
+        launcher += ["--master_addr", nodes.master_addr, "--master_port", str(nodes.master_port)]
+    return [*launcher, "--module", f"stages.{stage}", *args], env
 
 
 def kill_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -217,6 +241,7 @@ def run_stage_process(
     timeout_s: float | None = None,
     cwd: str | None = None,
     stage_args: list[str] | None = None,
+    nodes: Nodes | None = None,
 ) -> None:
     """Run one stage to completion; raise StageFailed (its last error line) if it fails.
 
@@ -228,7 +253,7 @@ def run_stage_process(
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, "w") as f:
             f.write(config.model_dump_json(indent=2))
-        command, extra_env = stage_command(stage, config_path, nproc, force, stage_args)
+        command, extra_env = stage_command(stage, config_path, nproc, force, stage_args, nodes, tmp)
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -38,6 +38,7 @@ import torch
 from stages.algorithms import compute_gae, outcome_rewards_to_tokens
 from stages.config.batches import BatchLayout, batch_layout, minibatch_rows, stage_layouts
 from stages.config.pipeline import PipelineConfig
+from stages.config.sampling import sampling_plan
 from stages.config.training import CriticWarmupConfig
 from stages.critic.diagnostics import global_explained_variance
 from stages.critic.update import ValueTargets, critic_update_step
@@ -54,9 +55,10 @@ from stages.models.minibatches import global_counts, shuffled_minibatches
 from stages.models.sources import resolve_model_dir
 from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.runtime import distributed
+from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step
+from stages.sampling.backends import make_generator
 from stages.sampling.generation import sampling_seed
-from stages.sampling.hf_sampler import HFGenerator
 from stages.sampling.rollout_rows import (
     ScoredSample,
     batch_from_rollouts,
@@ -74,7 +76,7 @@ Tensor = torch.Tensor
 def plan(config: PipelineConfig) -> StagePlan:
     """What the result depends on: this section, task, model, sampling, reward, seed; and its inputs."""
     semantic = {"critic_warmup": config.critic_warmup, "task": config.task, "model": config.model}
-    semantic |= {"generation": config.generation, "reward": config.reward, "seed": config.seed}
+    semantic |= {"generation": sampling_plan(config.generation), "reward": config.reward, "seed": config.seed}
     return make_plan(config, semantic, _input_uris(config))
 
 
@@ -100,15 +102,20 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     tokenizer = load_tokenizer(policy_dir, config.model.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     options = load_options(config.model)
-    policy = load_reference(policy_dir, **options) if shared or not cw.rollouts_from else None
+    samples_hf = not cw.rollouts_from and config.generation.backend == "hf"
+    policy = load_reference(policy_dir, **options) if shared or samples_hf else None
     torch.manual_seed(config.seed)
     critic = build_critic(config.model, model_dir("critic_init"), policy, policy_dir)
     # A shared critic trains its head only: the backbone is the policy PPO starts from.
     engine = build_engine(critic.value_head.requires_grad_(True) if shared else critic, cw.optim, batches)
+    on = model_device(critic)
     rm = load_reward_model(model_dir("reward_model"), **options) if "reward_model" in inputs else None
     generator = None
-    if not cw.rollouts_from:
-        generator = HFGenerator(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    if not cw.rollouts_from:  # hf samples from the frozen policy module; vllm loads the policy's files
+        generator = make_generator(
+            config.generation, policy_dir if config.generation.backend == "vllm" else policy,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=config.seed, model=config.model,
+        )  # fmt: skip
 
     # 3. Data: training prompts (the same split as every stage), or the source run's rollouts.
     train = encode_problems(task_problems(config.task, "train"), tokenizer)
@@ -152,8 +159,8 @@ def run(config: PipelineConfig, force: bool = False) -> None:
         # step 5.3 outcome reward on the last token; old values; returns = GAE(lam_critic) targets
         prompt_ids, response_ids, rewards_B = training_batch(scored)
         rows = TokenRows(prompt_ids, response_ids, pad_id)
-        batch = rows.batch()
-        mask_BT = batch.response_mask_BT
+        batch = rows.batch().to(on)  # the step's tensors live on the critic's device
+        rewards_B, mask_BT = rewards_B.to(on), batch.response_mask_BT
         with torch.no_grad():
             old_values_BT = response_values(critic, batch, cw.optim.micro_batch_size)
         rewards_BT = outcome_rewards_to_tokens(rewards_B, mask_BT)
@@ -263,7 +270,7 @@ def _update_critic(
 
     Returns the mean value loss over the updates and the mean gradient norm, over all ranks.
     """
-    total, norms = torch.zeros(()), []
+    total, norms = torch.zeros((), device=targets.mask_BT.device), []
     for part in shuffled_minibatches(len(rows), cw.epochs, cw.minibatches, seed):
         stats, norm = critic_update_step(
             engine, critic, rows, part, targets, micro_batch_size=batches.micro_batch_size,
@@ -289,14 +296,14 @@ def _step_metrics(
     """Metrics of one step over all ranks. `explained_var` uses the values from BEFORE this step's
     updates (the critic has not fitted these rollouts yet: a held-out measure); `_post_update` is in-sample."""
     mask_BT = batch.response_mask_BT
-    correct_B = torch.tensor([s.is_correct for s in scored])
+    correct_B = torch.tensor([s.is_correct for s in scored], device=mask_BT.device)
     value_sum_B = (old_values_BT * mask_BT).sum(1).double()
     tokens_B = mask_BT.sum(1).double()
     sums = distributed.all_reduce(
         torch.stack(
             [
-                torch.tensor(float(len(scored)), dtype=torch.float64),
-                torch.tensor(sum(s.reward for s in scored), dtype=torch.float64),
+                torch.tensor(float(len(scored)), dtype=torch.float64, device=mask_BT.device),
+                torch.tensor(sum(s.reward for s in scored), dtype=torch.float64, device=mask_BT.device),
                 correct_B.double().sum(),
                 tokens_B.sum(),
                 value_sum_B[correct_B].sum(),

@@ -17,6 +17,7 @@ import re
 import sys
 
 from stages.config.pipeline import PipelineConfig
+from stages.config.sampling import sampling_plan
 from stages.evaluation.checkpoint import benchmark_problems, evaluate_checkpoint, settings_from_config
 from stages.evaluation.report_pages import publish_evaluation
 from stages.lifecycle.contract import StageError, StagePlan, begin_stage, finish_stage, make_plan
@@ -55,7 +56,11 @@ def checkpoints_to_evaluate(config: PipelineConfig) -> dict[str, str]:
 
 def plan(config: PipelineConfig) -> StagePlan:
     """What the reports depend on: this section, sampling, task, seed; inputs: the checkpoints."""
-    semantic = {"evaluate": config.evaluate, "generation": config.generation, "task": config.task}
+    semantic = {
+        "evaluate": config.evaluate,
+        "generation": sampling_plan(config.generation),
+        "task": config.task,
+    }
     return make_plan(config, semantic | {"seed": config.seed}, checkpoints_to_evaluate(config))
 
 

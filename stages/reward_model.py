@@ -207,16 +207,17 @@ def _train_step(
     for chunk in chunks:
         chosen_B, rejected_B = _pair_scores(engine, chunk, pad_id)
         margins = [p.margin for p in chunk]
-        margin_B = None if all(x is None for x in margins) else torch.tensor([x or 0.0 for x in margins])
+        margin_B = None
+        if any(x is not None for x in margins):
+            margin_B = torch.tensor([x or 0.0 for x in margins], device=chosen_B.device)
         bt_loss, stats = bradley_terry_loss(chosen_B, rejected_B, margin_B)
         loss = bt_loss + rm.center_rewards_coef * ((chosen_B + rejected_B) ** 2).mean()
         require_finite(loss, "loss")
         engine.backward(loss * (len(chunk) / global_pairs) * scale)
         engine.step()
         n = len(chunk)
-        sums += torch.stack(
-            [loss.detach() * n, stats["accuracy"] * n, stats["gap_mean"] * n, torch.tensor(n)]
-        )
+        parts = (loss.detach(), stats["accuracy"], stats["gap_mean"])
+        sums += torch.tensor([float(x) * n for x in parts] + [n], dtype=torch.float64)
     return sums
 
 
@@ -228,9 +229,8 @@ def _evaluate(engine, pairs: list[EncodedPair], micro_batch_size: int, pad_id: i
     sums = torch.zeros(4, dtype=torch.float64)  # correct, pairs, chosen score sum, rejected score sum
     for i in range(0, len(mine), micro_batch_size):
         chosen_B, rejected_B = _pair_scores(engine, mine[i : i + micro_batch_size], pad_id)
-        sums += torch.stack(
-            [(chosen_B > rejected_B).sum(), torch.tensor(len(chosen_B)), chosen_B.sum(), rejected_B.sum()]
-        ).double()
+        parts = ((chosen_B > rejected_B).sum(), len(chosen_B), chosen_B.sum(), rejected_B.sum())
+        sums += torch.tensor([float(x) for x in parts], dtype=torch.float64)
     correct, n, chosen, rejected = distributed.all_reduce(sums).tolist()
     n = max(n, 1.0)
     return {

@@ -27,7 +27,9 @@ from stages.models.loading import load_options, load_policy
 from stages.models.sources import resolve_model_dir
 from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.runtime import distributed
+from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step, require_finite
+from stages.sampling.hf_sampler import HFGenerator
 
 STAGE = "sft"
 
@@ -85,7 +87,10 @@ def run(config: PipelineConfig, force: bool = False) -> None:
             training.save(done, {"data_cursor": done * global_batch, "loss": last_loss}, sft.keep_last)
 
     # 6. Held-out accuracy, greedy and sampled.
-    accuracy = heldout_accuracy(engine.module, tokenizer, heldout, config.generation, config.seed)
+    sampler = HFGenerator(
+        engine.module, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer)
+    )
+    accuracy = heldout_accuracy(sampler, tokenizer, heldout, config.generation, config.seed)
     training.tracker.log(sft.steps, {f"sft/heldout_{k}": v for k, v in accuracy.items()})
 
     # 7. Export the policy in HF format, then the manifest (last).
@@ -104,13 +109,15 @@ def _train_step(engine, batch: list[EncodedProblem], micro: int, pad_id: int) ->
     ranks; scaling by (accumulation steps x ranks) / global tokens makes the accumulated gradient
     exactly that of one big batch (see `aggregate_loss`).
     """
+    on = model_device(engine)
     chunks = [batch[i : i + micro] for i in range(0, len(batch), micro)]
-    local_tokens = torch.tensor(float(sum(len(p.solution_ids) for p in batch)))
+    local_tokens = torch.tensor(float(sum(len(p.solution_ids) for p in batch)), device=on)
     global_tokens = distributed.all_reduce(local_tokens)
     scale = len(chunks) * distributed.world_size()
-    total = torch.zeros(())
+    total = torch.zeros((), device=on)
     for chunk in chunks:
-        tokens = build_token_batch([p.prompt_ids for p in chunk], [p.solution_ids for p in chunk], pad_id)
+        prompts, solutions = [p.prompt_ids for p in chunk], [p.solution_ids for p in chunk]
+        tokens = build_token_batch(prompts, solutions, pad_id).to(on)
         logprobs, _ = response_logprobs(engine, tokens)
         loss = (
             aggregate_loss(-logprobs, tokens.response_mask_BT, "token_mean", global_count=global_tokens)

@@ -30,6 +30,7 @@ from stages.ppo.batch import compute_advantages, old_quantities, rollout_batch  
 from stages.ppo.engines import build_models  # noqa: E402
 from stages.ppo.update import update  # noqa: E402
 from stages.runtime import distributed  # noqa: E402
+from stages.runtime.devices import model_device  # noqa: E402
 from stages.sampling.rollout_rows import ScoredSample  # noqa: E402
 from stages.sft import _train_step  # noqa: E402
 
@@ -111,7 +112,7 @@ def ppo_update(args, world: int, rank: int) -> dict[str, torch.Tensor]:
         for i, (p, r) in enumerate(zip(lengths(4, ROWS, 1, 6), lengths(5, ROWS, 2, 16), strict=True))
     ]
     mine = shard(scored, rank, world)
-    rollout = rollout_batch(mine, PAD)
+    rollout = rollout_batch(mine, PAD, model_device(models.policy_engine))
     old = old_quantities(models, rollout, mine, 1.0, args.micro)
     adv = compute_advantages(rollout, old, torch.zeros(len(mine), dtype=torch.long), ppo)
     update(models, rollout, old, adv, ppo, temperature=1.0, train_policy=True, seed=(0, 1))

@@ -24,6 +24,7 @@ from stages.algorithms import (
     outcome_rewards_to_tokens,
     policy_loss,
     positive_example_lm_loss,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -378,3 +379,24 @@ def test_explained_variance():
 def test_explained_variance_of_constant_returns_is_nan():
     returns, mask = t([[1.0, 1.0, 1.0]]), torch.ones(1, 3, dtype=torch.bool)
     assert torch.isnan(explained_variance(t([[0.0, 2.0, 5.0]]), returns, mask))
+
+
+def test_truncated_importance_weights_by_hand():
+    # trainer 0.5 vs sampler 0.25 -> 2.0, capped at 1.5; trainer 0.2 vs sampler 0.4 -> 0.5, kept
+    old = torch.log(t([[0.5, 0.2]]))
+    sampler = torch.log(t([[0.25, 0.4]]))
+    torch.testing.assert_close(truncated_importance_weights(old, sampler, cap=1.5), t([[1.5, 0.5]]), **TOL)
+    assert not truncated_importance_weights(old.requires_grad_(), sampler, cap=1.5).requires_grad
+
+
+def test_policy_loss_weighs_each_token_by_its_importance_weight():
+    # ratio 1 (logp == old): per-token loss -A = [-1, 1]; weights [1.5, 0.5] -> [-1.5, 0.5]; token mean -0.5
+    logprobs = torch.log(t([[0.5, 0.2]])).requires_grad_()
+    advantages, mask = t([[1.0, -1.0]]), torch.tensor([[True, True]])
+    weights = t([[1.5, 0.5]])
+    loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, 0.2, weights_BT=weights)
+    torch.testing.assert_close(loss, t(-0.5), **TOL)
+    loss.backward()  # d/dlogp of -A * exp(logp - old) * w / 2 at ratio 1: -A * w / 2
+    torch.testing.assert_close(logprobs.grad, t([[-0.75, 0.25]]), **TOL)
+    unweighted, _ = policy_loss(logprobs.detach(), logprobs.detach(), advantages, mask, 0.2, 0.2)
+    torch.testing.assert_close(unweighted, t(0.0), **TOL)

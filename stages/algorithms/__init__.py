@@ -3,7 +3,8 @@
 This package is a contract (DESIGN section 3): tests and tools outside the project call these
 names, imported from `stages.algorithms`, with these argument orders. Its modules: `masked`
 (masked statistics, whitening, explained variance), `advantages` (per-token rewards, GAE, GRPO),
-`losses` (policy, value, KL, entropy, positive-example LM, Bradley-Terry, aggregation).
+`losses` (policy, value, KL, entropy, positive-example LM, Bradley-Terry, aggregation, truncated
+importance weights).
 
 Shape suffixes: B batch (sequences), T response tokens, V vocabulary, G groups.
 Masks are bool, True = the position counts. A mask over response tokens is usually a prefix
@@ -43,6 +44,7 @@ from stages.algorithms.losses import (
     kl_penalty,
     policy_loss,
     positive_example_lm_loss,
+    truncated_importance_weights,
     value_loss,
 )
 from stages.algorithms.masked import (
@@ -77,5 +79,6 @@ __all__ = [
     "outcome_rewards_to_tokens",
     "policy_loss",
     "positive_example_lm_loss",
+    "truncated_importance_weights",
     "value_loss",
 ]

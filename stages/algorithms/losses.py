@@ -66,13 +66,16 @@ def policy_loss(
     agg: Aggregation = "token_mean",
     *,
     global_count: float | Tensor | None = None,
+    weights_BT: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) with asymmetric clipping (DAPO clip-higher).
 
     Per token: max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)), r = exp(logp - old_logp).
     Where the clipped term is the larger, the token's gradient is 0 (the update already moved
-    far enough in the advantage's direction). Stats: clipfrac (share of valid tokens where the
-    clipped branch is active), approx_kl (k3 of old vs. new, per token mean), ratio mean/max.
+    far enough in the advantage's direction). `weights_BT` multiplies each token's term (no
+    gradient through it): the truncated importance weights of `truncated_importance_weights`.
+    Stats: clipfrac (share of valid tokens where the clipped branch is active), approx_kl (k3 of
+    old vs. new, per token mean), ratio mean/max.
     """
     mask_BT = mask_BT.bool()
     log_ratio_BT = logprobs_BT - old_logprobs_BT
@@ -80,6 +83,8 @@ def policy_loss(
     unclipped_BT = -advantages_BT * ratio_BT
     clipped_BT = -advantages_BT * torch.clamp(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
     loss_BT = torch.maximum(unclipped_BT, clipped_BT)
+    if weights_BT is not None:
+        loss_BT = loss_BT * weights_BT.detach()
     loss = aggregate_loss(loss_BT, mask_BT, agg, global_count=global_count)
     with torch.no_grad():
         stats = {
@@ -89,6 +94,16 @@ def policy_loss(
             "ratio_max": torch.where(mask_BT, ratio_BT, torch.zeros_like(ratio_BT)).max(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def truncated_importance_weights(old_logprobs_BT: Tensor, sampler_logprobs_BT: Tensor, cap: float) -> Tensor:
+    """min(pi_train / pi_sampler, cap) per sampled token: the correction for a sampler that is not the
+    trainer (vLLM in bf16, another kernel) - truncated importance sampling (F. Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"). `old_logprobs_BT` are
+    the trainer's log-probs of the sampled tokens before the update, `sampler_logprobs_BT` the
+    sampler's. Detached: a weight, never a path for gradients.
+    """
+    return torch.exp(old_logprobs_BT - sampler_logprobs_BT).clamp(max=cap).detach()
 
 
 def value_loss(

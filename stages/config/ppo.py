@@ -75,6 +75,13 @@ class PPOConfig(Section):
         description="reward: rewards -= kl_coef * kl per token (gae; grpo: summed per response); "
         "loss: + kl_coef * aggregated kl in the policy loss.",
     )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Truncated importance sampling: weight each sampled token's policy loss by "
+        "min(pi_train / pi_sampler, tis_cap), correcting for a sampler that is not the trainer (vLLM in "
+        "bf16); ppo/logprob_gen_diff measures the mismatch. null: off (the weights are 1).",
+    )
     positive_lm_coef: float = Field(
         0.5, ge=0, description="VAPO positive-example LM loss: weight of the NLL of correct responses."
     )

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.config.section import Section, non_semantic
+from stages.config.section import Section, non_semantic, semantic_dict
 
 
 class SamplingConfig(Section):
@@ -48,8 +48,9 @@ class SamplingConfig(Section):
     )
     colocate: bool = non_semantic(
         True,
-        description="vllm only: the engine shares GPUs with training; it is created with sleep mode and "
-        "put to sleep (weights offloaded, KV cache freed) between rollout phases.",
+        description="vllm only: true puts the engine (on the training GPUs) to sleep between rollout phases "
+        "(weights offloaded, KV cache freed) so the updates get the memory; false keeps it awake "
+        "(faster, when the GPUs hold both). vLLM on GPUs of its own is not built yet.",
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="vllm only: GPUs one vLLM engine shards the model over."
@@ -71,3 +72,17 @@ class RewardConfig(Section):
     missing_eos_penalty: float = Field(
         0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens (no EOS)."
     )
+
+
+# Settings only the vLLM backend reads: they do not change what the hf backend samples.
+VLLM_ONLY = ("tensor_parallel_size", "dtype")
+
+
+def sampling_plan(sampling: SamplingConfig) -> dict:
+    """The sampling settings a stage's result depends on: the semantic ones its backend reads (so
+    changing a vLLM-only setting does not rerun stages that sample with hf)."""
+    data = semantic_dict(sampling)
+    if sampling.backend != "vllm":
+        for name in VLLM_ONLY:
+            data.pop(name)
+    return data

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.config.evaluation import BENCHMARKS
+from stages.config.models import ModelConfig
 from stages.config.pipeline import PipelineConfig
 from stages.config.sampling import SamplingConfig
 from stages.config.task import TaskConfig
@@ -39,7 +40,7 @@ class EvalSettings:
     limits: dict[str, int | None]  # benchmark -> first N problems (None: all)
     seed: int
     task: TaskConfig  # the arith benchmark is the task's held-out split
-    trust_remote_code: bool = False
+    model: ModelConfig  # how checkpoints load: dtype, attention, remote code
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +81,7 @@ def settings_from_config(config: PipelineConfig) -> EvalSettings:
         limits={name: evaluation.limits.get(name, evaluation.limit) for name in evaluation.benchmarks},
         seed=config.seed,
         task=config.task,
-        trust_remote_code=config.model.trust_remote_code,
+        model=config.model,
     )
 
 
@@ -99,39 +100,43 @@ def benchmark_problems(name: str, limit: int | None, task: TaskConfig) -> list[P
 
 def evaluate_checkpoint(model_dir: str, uri: str, label: str, settings: EvalSettings) -> CheckpointResult:
     """Generate greedy and sampled responses on every benchmark, grade them, compute the metrics."""
-    tokenizer, context = _load_tokenizer(model_dir, uri, settings.trust_remote_code)
+    tokenizer, context = _load_tokenizer(model_dir, uri, settings.model.trust_remote_code)
     generator = make_generator(
         settings.sampling,
         model_dir,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_token_id(tokenizer),
         seed=settings.seed,
+        model=settings.model,
     )
-    result = CheckpointResult(uri=uri, benchmarks={})
-    budget = settings.sampling.max_new_tokens
-    for name in settings.benchmarks:
-        problems = benchmark_problems(name, settings.limits[name], settings.task)
-        prompts = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
-        fits = [context is None or len(ids) + budget <= context for ids in prompts]
-        greedy = _generate(
-            generator,
-            prompts,
-            fits,
-            1,
-            settings.sampling.model_copy(update={"temperature": 0.0}),
-            settings.seed,
-        )
-        sampled = _generate(generator, prompts, fits, settings.samples, settings.sampling, settings.seed)
-        graded = {
-            mode: [
-                [_graded(p, s, tokenizer) for s in per_problem]
-                for p, per_problem in zip(problems, rows, strict=True)
-            ]
-            for mode, rows in (("greedy", greedy), ("sampled", sampled))
-        }
-        result.benchmarks[name] = benchmark_metrics(graded["greedy"], graded["sampled"], settings.samples)
-        result.benchmarks[name]["prompt_too_long"] = sum(not f for f in fits)
-        _append_samples(result.samples, label, name, problems, graded)
+    try:
+        result = CheckpointResult(uri=uri, benchmarks={})
+        budget = settings.sampling.max_new_tokens
+        for name in settings.benchmarks:
+            problems = benchmark_problems(name, settings.limits[name], settings.task)
+            prompts = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
+            fits = [context is None or len(ids) + budget <= context for ids in prompts]
+            greedy = _generate(
+                generator,
+                prompts,
+                fits,
+                1,
+                settings.sampling.model_copy(update={"temperature": 0.0}),
+                settings.seed,
+            )
+            sampled = _generate(generator, prompts, fits, settings.samples, settings.sampling, settings.seed)
+            graded = {
+                mode: [
+                    [_graded(p, s, tokenizer) for s in per_problem]
+                    for p, per_problem in zip(problems, rows, strict=True)
+                ]
+                for mode, rows in (("greedy", greedy), ("sampled", sampled))
+            }
+            result.benchmarks[name] = benchmark_metrics(graded["greedy"], graded["sampled"], settings.samples)
+            result.benchmarks[name]["prompt_too_long"] = sum(not f for f in fits)
+            _append_samples(result.samples, label, name, problems, graded)
+    finally:
+        generator.close()  # one engine at a time: the next checkpoint gets the memory
     return result
 
 

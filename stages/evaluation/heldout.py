@@ -12,26 +12,26 @@ import torch
 from stages.config.sampling import SamplingConfig
 from stages.data.grading import grade
 from stages.data.tasks import EncodedProblem, shard
-from stages.models.tokenizer import pad_token_id
 from stages.runtime import distributed
-from stages.sampling.hf_sampler import HFGenerator
+from stages.sampling.generation import Generator
 
 
 def heldout_accuracy(
-    model,
+    generator: Generator,
     tokenizer,
     problems: list[EncodedProblem],
     sampling: SamplingConfig,
     seed: int,
     samples: int = 1,
 ) -> dict[str, float]:
-    """{"greedy": ..., "sampled": ..., "truncated": ...} over `problems`; collective across ranks.
+    """{"greedy": ..., "sampled": ..., "truncated": ...} over `problems`, sampled by `generator` (the
+    stage's own: the live policy's HF sampler, or the vLLM engine holding its pushed weights);
+    collective across ranks.
 
     "truncated" is the fraction of sampled responses cut at max_new_tokens.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    generator = HFGenerator(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer))
     mine = shard(problems, distributed.rank(), distributed.world_size())
     counts = torch.zeros(4, dtype=torch.float64)  # greedy correct, sampled correct, truncated, n
     for temperature, slot, repeats in ((0.0, 0, 1), (sampling.temperature, 1, samples)):

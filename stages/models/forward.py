@@ -22,6 +22,7 @@ from torch import nn
 
 from stages.algorithms import entropy_from_logits
 from stages.models.value_head import per_position_values, supports_logits_to_keep
+from stages.runtime.devices import model_device
 
 Tensor = torch.Tensor
 
@@ -59,6 +60,9 @@ class TokenBatch:
         return torch.minimum(positions_BT, self.seq_lens_B[:, None] - 1)
 
     def to(self, device: torch.device | str) -> TokenBatch:
+        """The batch on `device` (itself when it is there already)."""
+        if self.input_ids_BL.device == torch.device(device):
+            return self
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def rows(self, start: int, stop: int) -> TokenBatch:
@@ -122,7 +126,7 @@ class TokenRows:
         return len(self.prompt_ids)
 
     def batch(self, idx: Tensor | list[int] | None = None) -> TokenBatch:
-        rows = range(len(self)) if idx is None else [int(i) for i in idx]
+        rows = range(len(self)) if idx is None else (idx.tolist() if isinstance(idx, Tensor) else list(idx))
         return build_token_batch(
             [self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows], self.pad_id
         )
@@ -131,11 +135,13 @@ class TokenRows:
 # ---------------------------------------------------------------------------------------------
 # forwards
 # ---------------------------------------------------------------------------------------------
-def _micro_batches(batch: TokenBatch, micro_batch_size: int | None):
+def _micro_batches(batch: TokenBatch, micro_batch_size: int | None, model: nn.Module):
+    """The batch in micro-batches, each on the model's device (the outputs stay there)."""
     B = batch.input_ids_BL.shape[0]
     size = micro_batch_size or B
+    on = model_device(model)
     for start in range(0, B, size):
-        yield batch.rows(start, min(start + size, B))
+        yield batch.rows(start, min(start + size, B)).to(on)
 
 
 def _aligned_logits(model: nn.Module, mb: TokenBatch, shared: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -185,7 +191,7 @@ def response_logprobs(
     [b, T, V] copy; log-probs are `z[token] - logsumexp(z)`, never a full log_softmax tensor.
     """
     logprob_parts, entropy_parts = [], []
-    for mb in _micro_batches(batch, micro_batch_size):
+    for mb in _micro_batches(batch, micro_batch_size, model):
         z_BTV = _aligned_logits(model, mb).float() / temperature
         logprobs_BT = z_BTV.gather(-1, mb.response_ids_BT[..., None]).squeeze(-1) - torch.logsumexp(
             z_BTV, dim=-1
@@ -208,7 +214,7 @@ def response_logprobs_and_values(
     DeepSpeed engine wrapping one) from ONE trunk forward: the same numbers as `response_logprobs`
     on its policy plus `response_values` on it, at the cost of one forward instead of two."""
     logprob_parts, entropy_parts, value_parts = [], [], []
-    for mb in _micro_batches(batch, micro_batch_size):
+    for mb in _micro_batches(batch, micro_batch_size, shared):
         z_BTV, values_BT = _aligned_logits(shared, mb, shared=True)
         z_BTV = z_BTV.float() / temperature
         logprobs_BT = z_BTV.gather(-1, mb.response_ids_BT[..., None]).squeeze(-1) - torch.logsumexp(
@@ -233,7 +239,7 @@ def response_values(
     `critic` is anything `stages.models.value_head.per_position_values` accepts (separate or shared critic).
     """
     parts = []
-    for mb in _micro_batches(batch, micro_batch_size):
+    for mb in _micro_batches(batch, micro_batch_size, critic):
         values_BL = per_position_values(critic, mb.input_ids_BL, mb.attention_mask_BL, mb.position_ids_BL)
         values_BT = values_BL.gather(1, mb.logit_positions_BT)
         parts.append(torch.where(mb.response_mask_BT, values_BT, 0.0))

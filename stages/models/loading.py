@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stages.config.models import DType, ModelConfig
+from stages.runtime.devices import device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,6 +53,9 @@ def _load_kwargs(dtype, attn_implementation: str, trust_remote_code: bool) -> di
         "dtype": resolve_dtype(dtype),
         "attn_implementation": attn_implementation,
         "trust_remote_code": trust_remote_code,
+        # transformers 5 swaps layers for kernels it downloads from the Hub at load time, by default:
+        # a GPU node without network would differ from one with it, and the trainer from the sampler.
+        "use_kernels": False,
     }
 
 
@@ -64,13 +68,13 @@ def load_policy(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The trainable policy (AutoModelForCausalLM), in train mode."""
+    """The trainable policy (AutoModelForCausalLM), in train mode, on this rank's device."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, **_load_kwargs(dtype, attn_implementation, trust_remote_code)
     )
-    return model.train()
+    return model.to(device()).train()
 
 
 def load_reference(
@@ -134,7 +138,7 @@ def load_value_model(
         # score); values are read at every position (`per_position_values`), so any id will do: EOS.
         eos = text_config.eos_token_id
         text_config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    return model
+    return model.to(device())
 
 
 def init_reward_model(

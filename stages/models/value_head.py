@@ -24,6 +24,7 @@ from torch import nn
 
 from stages.config.models import DType
 from stages.models.loading import load_policy, zero_head_
+from stages.runtime.devices import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,6 +59,10 @@ class PolicyWithValueHead(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.policy.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
 
     def forward(
         self,
@@ -156,6 +161,10 @@ def per_position_values(
     """
     if position_ids_BL is None:
         position_ids_BL = positions_from_mask(attention_mask_BL)
+    on = model_device(critic)
+    input_ids_BL, attention_mask_BL, position_ids_BL = (
+        x.to(on) for x in (input_ids_BL, attention_mask_BL, position_ids_BL)
+    )
     module = getattr(critic, "module", critic)  # a DeepSpeed engine holds the model in `.module`
     if isinstance(module, PolicyWithValueHead):
         _, values_BL = critic(input_ids_BL, attention_mask_BL, position_ids_BL, values_only=True)
@@ -187,6 +196,7 @@ def reward_model_scores(rm: nn.Module, input_ids_BL: Tensor, attention_mask_BL: 
     positions are counted over attended tokens only, so padding never changes a score.
     """
     values_BL = per_position_values(rm, input_ids_BL, attention_mask_BL)
+    attention_mask_BL = attention_mask_BL.to(values_BL.device)
     positions_BL = torch.arange(attention_mask_BL.shape[1], device=attention_mask_BL.device).expand_as(
         values_BL
     )

@@ -50,11 +50,12 @@ class RolloutBatch:
         return self.batch.response_mask_BT
 
 
-def rollout_batch(scored: list[ScoredSample], pad_id: int) -> RolloutBatch:
+def rollout_batch(scored: list[ScoredSample], pad_id: int, device: torch.device) -> RolloutBatch:
+    """The rows as tensors on `device` (the policy's): every quantity of the step is computed there."""
     prompt_ids, response_ids, rewards_B = training_batch(scored)
     rows = TokenRows(prompt_ids, response_ids, pad_id)
     is_correct_B = torch.tensor([s.is_correct for s in scored], dtype=torch.bool)
-    return RolloutBatch(rows, rows.batch(), rewards_B, is_correct_B)
+    return RolloutBatch(rows, rows.batch().to(device), rewards_B.to(device), is_correct_B.to(device))
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class OldQuantities:
     """What the models said about the rows before this step's updates."""
 
     logprobs_BT: Tensor  # the policy's, recomputed by the training forward
+    sampler_logprobs_BT: Tensor  # the sampler's, of the same tokens (0 where masked)
     ref_logprobs_BT: Tensor | None  # the frozen reference's (only with kl_coef > 0)
     values_BT: Tensor | None  # the critic's (None for grpo)
     logprob_gen_diff: float  # max |training - sampler| logprob over the valid tokens of all ranks
@@ -84,16 +86,18 @@ def old_quantities(
         )
     else:
         logprobs_BT, _ = response_logprobs(models.policy_engine, batch, temperature, micro_batch_size)
-    sampler_BT = torch.zeros_like(logprobs_BT)
+    sampler_BT = torch.zeros(logprobs_BT.shape, dtype=logprobs_BT.dtype)
     for b, s in enumerate(scored):
         sampler_BT[b, : len(s.logprobs)] = torch.tensor(s.logprobs)
+    sampler_BT = sampler_BT.to(logprobs_BT.device)
     diff = (logprobs_BT - sampler_BT).abs().masked_fill(~rollout.mask_BT, 0).max()
     ref_logprobs_BT = None
     if models.reference is not None:
         ref_logprobs_BT, _ = response_logprobs(models.reference, batch, temperature, micro_batch_size)
     if models.critic is not None and not models.shared:
         values_BT = response_values(models.critic, batch, micro_batch_size)
-    return OldQuantities(logprobs_BT, ref_logprobs_BT, values_BT, float(distributed.all_reduce(diff, "max")))
+    gen_diff = float(distributed.all_reduce(diff, "max"))
+    return OldQuantities(logprobs_BT, sampler_BT, ref_logprobs_BT, values_BT, gen_diff)
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def compute_advantages(
         kl_BT = kl_penalty(old.logprobs_BT, old.ref_logprobs_BT, ppo.kl_estimator) * mask_BT
     if ppo.advantage_estimator == "grpo":
         scores_B = rollout.rewards_B - (ppo.kl_coef * kl_BT.sum(1) if kl_BT is not None else 0.0)
-        return Advantages(grpo_advantages(scores_B, group_ids_B)[:, None] * mask_BT, None)
+        advantages_B = grpo_advantages(scores_B, group_ids_B.to(scores_B.device))
+        return Advantages(advantages_B[:, None] * mask_BT, None)
     rewards_BT = outcome_rewards_to_tokens(rollout.rewards_B, mask_BT)
     if kl_BT is not None:
         rewards_BT = rewards_BT - ppo.kl_coef * kl_BT

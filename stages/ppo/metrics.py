@@ -24,12 +24,13 @@ def step_metrics(
     """The step's metrics over all ranks (value diagnostics: this rank's rows), namespaced `ppo/`."""
     mask_BT = rollout.mask_BT
     advantages = adv.advantages_BT[mask_BT].double()
-    sums = torch.stack([
-        torch.tensor(float(len(scored))), rollout.rewards_B.sum(), torch.tensor([s.score for s in scored]).sum(),
-        rollout.is_correct_B.sum(), mask_BT.sum(), advantages.sum(), (advantages**2).sum(),
-        torch.tensor(float(sum(s.finish_reason == "length" for s in scored))),
-    ]).double()  # fmt: skip
-    n, reward, score, correct, tokens, adv_sum, adv_sq, truncated = distributed.all_reduce(sums).tolist()
+    on_device = torch.stack([
+        rollout.rewards_B.sum().double(), rollout.is_correct_B.sum().double(), mask_BT.sum().double(),
+        advantages.sum(), (advantages**2).sum(),
+    ]).cpu()  # fmt: skip
+    from_rows = [len(scored), sum(s.score for s in scored), sum(s.finish_reason == "length" for s in scored)]
+    sums = torch.cat([torch.tensor(from_rows, dtype=torch.float64), on_device])
+    n, score, truncated, reward, correct, tokens, adv_sum, adv_sq = distributed.all_reduce(sums).tolist()
     adv_mean = adv_sum / max(tokens, 1)
     metrics = {f"{STAGE}/{name}": value for name, value in stats.items()}
     metrics |= {
@@ -47,9 +48,8 @@ def step_metrics(
         metrics[f"{STAGE}/lr_critic"] = models.critic_engine.get_lr()[0]
     if old.values_BT is not None:
         metrics[f"{STAGE}/explained_var"] = global_explained_variance(old.values_BT, adv.returns_BT, mask_BT)
-        diagnostics = value_diagnostics(
-            old.values_BT, adv.returns_BT, adv.advantages_BT, mask_BT, rollout.is_correct_B
-        )
+        on_host = (old.values_BT, adv.returns_BT, adv.advantages_BT, mask_BT, rollout.is_correct_B)
+        diagnostics = value_diagnostics(*(x.cpu() for x in on_host))  # this rank's rows, for the logs
         metrics |= scalar_metrics(diagnostics, f"{STAGE}/value")
     return metrics
 

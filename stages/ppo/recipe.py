@@ -33,6 +33,7 @@ import torch
 
 from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
+from stages.config.sampling import sampling_plan
 from stages.data.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.evaluation.heldout import heldout_accuracy
 from stages.lifecycle.contract import StageError, StagePlan, make_plan
@@ -53,7 +54,7 @@ STAGE = "ppo"
 def plan(config: PipelineConfig) -> StagePlan:
     """What the result depends on: this section, task, model, sampling, reward, seed; and its inputs."""
     semantic = {"ppo": config.ppo, "task": config.task, "model": config.model}
-    semantic |= {"generation": config.generation, "reward": config.reward, "seed": config.seed}
+    semantic |= {"generation": sampling_plan(config.generation), "reward": config.reward, "seed": config.seed}
     return make_plan(config, semantic, _input_uris(config))
 
 
@@ -89,7 +90,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
 
     def evaluate() -> dict[str, float]:
         return heldout_accuracy(
-            models.policy, tokenizer, heldout, config.generation, config.seed, ppo.eval_samples
+            generator, tokenizer, heldout, config.generation, config.seed, ppo.eval_samples
         )
 
     # 4. Resume from the newest committed checkpoint (all engines); later rollouts are replaced.

@@ -32,6 +32,7 @@ from stages.ppo.batch import (
 from stages.ppo.engines import Models
 from stages.ppo.update import update
 from stages.runtime import distributed
+from stages.runtime.devices import model_device
 from stages.runtime.numerics import NonFiniteError, at_step, describe
 from stages.sampling.generation import sampling_seed
 from stages.sampling.hf_sampler import HFGenerator
@@ -98,7 +99,7 @@ def run_step(
     with timer("score"):
         scored = score_samples(samples, prompts, tokenizer, reward, rm=models.rm)
     with timer("old_forward"):  # old logprobs and values; reference logprobs only with KL
-        rollout = rollout_batch(scored, pad_token_id(tokenizer))
+        rollout = rollout_batch(scored, pad_token_id(tokenizer), model_device(models.policy_engine))
         old = old_quantities(models, rollout, scored, temperature, ppo.policy_optim.micro_batch_size)
     with timer("advantages"):
         adv = compute_advantages(rollout, old, group_ids_B, ppo)
@@ -113,8 +114,10 @@ def run_step(
             stats = update(models, rollout, old, adv, ppo, temperature, train_policy, (seed, step))
         stats["skipped_nonfinite"] = float(bool(bad))
     with timer("push_weights"):
+        started = time.perf_counter()
         generator.wake()
         push_weights(generator, models, ppo.policy_optim, version=step)
+        stats["weight_sync_s"] = time.perf_counter() - started  # ppo/weight_sync_s: gather + push
     return StepOutcome(rollout, old, adv, scored, stats)
 
 

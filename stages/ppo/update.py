@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from stages.algorithms import aggregate_loss, kl_penalty, policy_loss, positive_example_lm_loss
+from stages.algorithms import (
+    aggregate_loss,
+    kl_penalty,
+    policy_loss,
+    positive_example_lm_loss,
+    truncated_importance_weights,
+)
 from stages.config.ppo import PPOConfig
 from stages.critic.update import ValueTargets, critic_update_step, value_terms
 from stages.models.engine import step_engine
@@ -47,6 +53,7 @@ def update(
     totals: dict[str, Tensor] = {}
     norms: dict[str, list[float]] = {}  # global already (the same on every rank): not reduced again
     for part in shuffled_minibatches(len(rollout.rows), ppo.epochs, ppo.minibatches, seed):
+        part = part.to(rollout.mask_BT.device)  # indexes the step's tensors where they live
         mask_BT = rollout.mask_BT[part]
         count, positive = global_counts(ppo.loss_agg, mask_BT, mask_BT & rollout.is_correct_B[part, None])
         stats: dict[str, Tensor] = {}
@@ -112,7 +119,7 @@ def _policy_step(
     norm = None
     for idx in part.split(batches.micro_batch_size):
         mb = rollout.rows.batch(idx)
-        loss, values_BT = torch.zeros(()), None
+        loss, values_BT = torch.zeros((), device=rollout.mask_BT.device), None
         if train_policy:
             if models.shared:  # one trunk forward for the logprobs and the values
                 logprobs_BT, entropy_BT, values_BT = response_logprobs_and_values(
@@ -151,14 +158,22 @@ def _policy_terms(
     T = logprobs_BT.shape[1]
     mask_BT = rollout.mask_BT[idx, :T]
     count, positive = counts
+    weights_BT = None
+    if ppo.tis_cap is not None:  # the sampler is not the trainer: truncated importance weights
+        weights_BT = truncated_importance_weights(
+            old.logprobs_BT[idx, :T], old.sampler_logprobs_BT[idx, :T], ppo.tis_cap
+        )
     pg, pg_stats = policy_loss(
         logprobs_BT, old.logprobs_BT[idx, :T], adv.advantages_BT[idx, :T], mask_BT,
-        ppo.clip_low, ppo.clip_high, ppo.loss_agg, global_count=count,
+        ppo.clip_low, ppo.clip_high, ppo.loss_agg, global_count=count, weights_BT=weights_BT,
     )  # fmt: skip
     entropy = aggregate_loss(entropy_BT, mask_BT, ppo.loss_agg, global_count=count)
     loss = pg - ppo.entropy_coef * entropy
     tokens = mask_BT.sum().float()
     stats = {"policy_loss": pg, "entropy": (entropy_BT * mask_BT).sum(), "tokens": tokens}
+    if weights_BT is not None:  # per token: the mean weight and the share the cap truncated
+        stats["tis_weight"] = (weights_BT * mask_BT).sum()
+        stats["tis_capped"] = ((weights_BT >= ppo.tis_cap) & mask_BT).sum().float()
     stats |= {"clipfrac": pg_stats["clipfrac"] * tokens, "approx_kl": pg_stats["approx_kl"] * tokens}
     if old.ref_logprobs_BT is not None:
         kl_BT = kl_penalty(logprobs_BT, old.ref_logprobs_BT[idx, :T], ppo.kl_estimator)

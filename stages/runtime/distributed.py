@@ -119,18 +119,29 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         "max": dist.ReduceOp.MAX,
         "min": dist.ReduceOp.MIN,
     }
-    dist.all_reduce(tensor, op=ops[op])
+    # NCCL reduces CUDA tensors only, gloo CPU ones: a tensor elsewhere travels there and back.
+    comm_device = _communication_device()
+    moved = tensor if tensor.device == comm_device else tensor.to(comm_device)
+    dist.all_reduce(moved, op=ops[op])
     if op == "mean":
-        tensor /= dist.get_world_size()
+        moved /= dist.get_world_size()
+    if moved is not tensor:
+        tensor.copy_(moved)
     return tensor
+
+
+def _communication_device() -> torch.device:
+    """The device the default process group reduces on: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_int(value: int, src: int = 0) -> int:
     """`value` as held by rank `src`, on every rank (a plain tensor broadcast: nothing is pickled)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=_communication_device())
     dist.broadcast(t, src=src)
     return int(t.item())
 

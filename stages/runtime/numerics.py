@@ -51,7 +51,7 @@ def nonfinite_counts(
             continue
         valid = tensor[mask_BT[:, : tensor.shape[1]]] if tensor.dim() == 2 else tensor
         names.append(name)
-        counts.append(torch.stack([(~torch.isfinite(valid)).sum(), torch.tensor(valid.numel())]))
+        counts.append(torch.tensor([float((~torch.isfinite(valid)).sum()), float(valid.numel())]))
     if not names:
         return {}
     summed = distributed.all_reduce(torch.stack(counts).double()).tolist()

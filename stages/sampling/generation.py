@@ -60,6 +60,8 @@ class Generator(Protocol):
 
     def wake(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def row_seed(seed: int, index: int) -> int:
     """Seed of the random stream of prompt `index` in a call with `seed` (63 bits).

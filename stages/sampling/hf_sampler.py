@@ -6,6 +6,7 @@ Logprobs follow the contract of `stages.sampling.generation` (temperature-scaled
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -57,6 +58,12 @@ class HFGenerator:
     def wake(self) -> None:
         """No-op (see `sleep`)."""
 
+    def close(self) -> None:
+        """Drop the model (evaluate builds one generator per checkpoint)."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int
     ) -> list[GeneratedSample]:
@@ -94,6 +101,7 @@ class HFGenerator:
     ) -> list[GeneratedSample]:
         device = next(self.model.parameters()).device
         batch = len(prompts)
+        cache = _cache_keyword(self.model)
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         eos = torch.tensor(self.eos_token_ids, device=device)
 
@@ -126,8 +134,8 @@ class HFGenerator:
                 input_ids=token[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_position,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{cache: getattr(out, cache)},
             )
             next_position = next_position + 1
 
@@ -138,6 +146,13 @@ class HFGenerator:
             _to_sample(prompt, row_tokens, row_logprobs, self.eos_token_ids, self._policy_version)
             for prompt, row_tokens, row_logprobs in zip(prompts, tokens_BT, logprobs_BT, strict=True)
         ]
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The name of the KV-cache argument (and output): transformers 5 renamed `past_key_values` to
+    `cache` (the old name goes in 5.40); older models and remote code keep the old one."""
+    forward = getattr(model, "module", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

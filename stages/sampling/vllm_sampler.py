@@ -5,6 +5,7 @@ Logprobs follow the contract of `stages.sampling.generation`; see `VLLMGenerator
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,14 @@ class VLLMWorkerExtension:
 
 class VLLMGenerator:
     """Adapter on `vllm.LLM` (offline inference). Weights come from `model_path` at start, then from
-    `update_weights` after every policy update.
+    `update_weights` after every policy update. Checked against vLLM 0.34.0's source (the `gpu`
+    extra's range); never run on a GPU by this project's tests yet (README, "Running on GPUs").
+
+    Placement: inside a stage (torch.distributed initialised by the launcher) the engine runs
+    in-process with vLLM's external-launcher executor: each rank's engine lives on that rank's GPU
+    (`cuda:LOCAL_RANK`, selected by `init_distributed`), as a replica of its own when
+    tensor_parallel_size is 1, and weights reach it as the GPU tensors they are (no CPU round trip).
+    Alone (rlpipe eval), vLLM runs its own executor on the visible GPUs.
 
     Logprobs: the engine runs with `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2), i.e.
     log_softmax of the temperature-scaled logits, which matches the module's contract when
@@ -49,6 +57,7 @@ class VLLMGenerator:
         eos_token_id: int | Sequence[int],
         seed: int = 0,
         policy_version: int = 0,
+        trust_remote_code: bool = False,
     ):
         from vllm import LLM
 
@@ -56,6 +65,8 @@ class VLLMGenerator:
         self.colocate = sampling.colocate
         self._asleep = False
         self._policy_version = policy_version
+        self.in_process = torch.distributed.is_available() and torch.distributed.is_initialized()
+        launcher = {"distributed_executor_backend": "external_launcher"} if self.in_process else {}
         self.llm = LLM(
             model=model_path,
             dtype=sampling.dtype,
@@ -63,11 +74,13 @@ class VLLMGenerator:
             tensor_parallel_size=sampling.tensor_parallel_size,
             enable_sleep_mode=sampling.colocate,
             seed=seed,
+            trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
             # Sampling is fully specified by us: do not inherit the checkpoint's generation_config
             # defaults (top_k, repetition penalty...).
             generation_config="vllm",
             worker_extension_cls=f"{__name__}.{VLLMWorkerExtension.__name__}",
+            **launcher,
         )
 
     @property
@@ -117,7 +130,7 @@ class VLLMGenerator:
         if isinstance(weights, torch.nn.Module):
             weights = getattr(weights, "module", weights).state_dict()
         items = weights.items() if isinstance(weights, Mapping) else weights
-        for bucket in _buckets(items, _VLLM_PUSH_BUCKET_BYTES):
+        for bucket in _buckets(items, _VLLM_PUSH_BUCKET_BYTES, to_host=not self.in_process):
             self.llm.collective_rpc("rlpipe_load_weights", args=(bucket,))
         self.llm.reset_prefix_cache()
         self._policy_version = version
@@ -133,16 +146,30 @@ class VLLMGenerator:
             self.llm.wake_up()
             self._asleep = False
 
+    def close(self) -> None:
+        """Shut the engine down and free its GPU memory (evaluate builds one engine per checkpoint)."""
+        if self.llm is None:
+            return
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
     def _check_awake(self, what: str) -> None:
         if self._asleep:
             raise RuntimeError(f"VLLMGenerator.{what} called while the engine sleeps: call wake() first")
 
 
-def _buckets(items: Iterable[tuple[str, Tensor]], max_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+def _buckets(
+    items: Iterable[tuple[str, Tensor]], max_bytes: int, to_host: bool
+) -> Iterator[list[tuple[str, Tensor]]]:
+    """Named tensors in groups of about `max_bytes`; `to_host`: copied to the CPU (for an engine in
+    another process), else passed on where they are (an in-process engine on the same GPU)."""
     bucket: list[tuple[str, Tensor]] = []
     size = 0
     for name, tensor in items:
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().contiguous()
+        tensor = tensor.cpu() if to_host else tensor
         if bucket and size + tensor.nbytes > max_bytes:
             yield bucket
             bucket, size = [], 0

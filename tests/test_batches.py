@@ -122,3 +122,11 @@ def test_rlpipe_run_and_config_refuse_a_layout_before_any_stage_starts(tmp_path)
     config = rlpipe("config", *bad)
     assert config.returncode == 1 and config.stderr.strip() == line
     assert rlpipe("config", "--nproc", "8").returncode == 0
+
+
+def test_a_vllm_recipe_validates_on_eight_ranks():
+    from cli_runs import rlpipe
+
+    proc = rlpipe("config", "--set", "generation.backend=vllm", "--set", "ppo.tis_cap=2.0", "--nproc", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert '"backend": "vllm"' in proc.stdout

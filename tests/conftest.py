@@ -138,6 +138,34 @@ def tiny_qwen2_dir(tmp_path_factory):
     return str(path)
 
 
+def scored_rows(
+    prompts: list[list[int]], responses: list[list[int]], rewards: list[float], logprob: float = 0.0
+):
+    """Scored samples of prompt/response token ids, 4 samples per prompt, correct where the reward is 1."""
+    from stages.sampling.rollout_rows import ScoredSample
+
+    return [
+        ScoredSample(
+            prompt_id=f"p{i // 4}",
+            sample_idx=i % 4,
+            dataset="arith",
+            prompt="q",
+            ground_truth="1",
+            response="r",
+            prompt_ids=p,
+            response_ids=r,
+            logprobs=[logprob] * len(r),
+            finish_reason="stop",
+            policy_version=0,
+            score=float(reward),
+            rm_score=None,
+            reward=float(reward),
+            is_correct=reward == 1,
+        )  # fmt: skip
+        for i, (p, r, reward) in enumerate(zip(prompts, responses, rewards, strict=True))
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation data (../shared/data beside the repo in CI, or $RLPIPE_DATA_DIR).
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ (conftest's tiny model)
 
 import torch  # noqa: E402
-from conftest import make_tiny_qwen2  # noqa: E402
+from conftest import make_tiny_qwen2, scored_rows  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from stages.config.batches import batch_layout, sampling_layouts  # noqa: E402
@@ -31,7 +31,6 @@ from stages.ppo.engines import build_models  # noqa: E402
 from stages.ppo.update import update  # noqa: E402
 from stages.runtime import distributed  # noqa: E402
 from stages.runtime.devices import model_device  # noqa: E402
-from stages.sampling.rollout_rows import ScoredSample  # noqa: E402
 from stages.sft import _train_step  # noqa: E402
 
 ROWS = 16  # global rows of the SFT step and of the PPO update (one mini-batch)
@@ -90,27 +89,10 @@ def ppo_update(args, world: int, rank: int) -> dict[str, torch.Tensor]:
         "policy": full_state(models.policy_engine.module),
         "critic": full_state(models.critic_engine.module),
     }
-    rewards = lengths(3, ROWS, 0, 2)
-    scored = [
-        ScoredSample(
-            prompt_id=f"p{i // 4}",
-            sample_idx=i % 4,
-            dataset="arith",
-            prompt="q",
-            ground_truth="1",
-            response="r",
-            prompt_ids=tokens(200 + i, p),
-            response_ids=tokens(300 + i, r),
-            logprobs=[0.0] * r,
-            finish_reason="stop",
-            policy_version=0,
-            score=float(rewards[i]),
-            rm_score=None,
-            reward=float(rewards[i]),
-            is_correct=bool(rewards[i]),
-        )  # fmt: skip
-        for i, (p, r) in enumerate(zip(lengths(4, ROWS, 1, 6), lengths(5, ROWS, 2, 16), strict=True))
-    ]
+    prompt_lengths, response_lengths = lengths(4, ROWS, 1, 6), lengths(5, ROWS, 2, 16)
+    prompts = [tokens(200 + i, n) for i, n in enumerate(prompt_lengths)]
+    responses = [tokens(300 + i, n) for i, n in enumerate(response_lengths)]
+    scored = scored_rows(prompts, responses, lengths(3, ROWS, 0, 2))
     mine = shard(scored, rank, world)
     rollout = rollout_batch(mine, PAD, model_device(models.policy_engine))
     old = old_quantities(models, rollout, mine, 1.0, args.micro)

@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY_PAD_ID
+from conftest import TINY_PAD_ID, scored_rows
 from fake_device import FAKE, MixedDevices, OnFakeDevice, is_on_fake
 
 from stages.config.batches import BatchLayout
@@ -272,23 +272,4 @@ def _sample(prompt, response):
 
 def _scored() -> list[ScoredSample]:
     prompts, responses = batch_rows(1)
-    return [
-        ScoredSample(
-            prompt_id=f"p{i // 4}",
-            sample_idx=i % 4,
-            dataset="arith",
-            prompt="q",
-            ground_truth="1",
-            response="r",
-            prompt_ids=p,
-            response_ids=r,
-            logprobs=[-2.0] * len(r),
-            finish_reason="stop",
-            policy_version=0,
-            score=float(i % 2),
-            rm_score=None,
-            reward=float(i % 2),
-            is_correct=bool(i % 2),
-        )  # fmt: skip
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-    ]
+    return scored_rows(prompts, responses, [float(i % 2) for i in range(ROWS)], logprob=-2.0)

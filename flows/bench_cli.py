@@ -18,6 +18,13 @@ ModelOpt = Annotated[
 ]
 
 
+def _compute_here() -> None:
+    """A bench that computes in this process takes its fair share of the CPUs, as a stage does."""
+    from stages.runtime.threads import start_thread_budget
+
+    start_thread_budget("auto", name="bench")  # for the rest of this process
+
+
 @bench_app.command("gae")
 def bench_gae_command(
     batch: Annotated[int, typer.Option(min=1, help="Sequences.")] = 512,
@@ -33,6 +40,7 @@ def bench_gae_command(
     """Vectorised compute_gae vs. the per-timestep loop (vectorised over the batch), float32."""
     from stages.benchmarks.gae import bench_gae
 
+    _compute_here()
     result = bench_gae(batch, length, gamma, lam, alpha, repeats)
     if as_json:
         typer.echo(json.dumps(result))
@@ -58,6 +66,7 @@ def bench_storage_command(
     """Rollout Parquet and checkpoint throughput (rlpipe vs. pandas / torch.save) under a storage root."""
     from stages.benchmarks.storage_io import bench_storage
 
+    _compute_here()
     result = bench_storage(storage_root(storage, endpoint_url), rows, response_len, checkpoint_mb)
     if as_json:
         typer.echo(json.dumps(result))
@@ -85,6 +94,7 @@ def bench_generate_command(
     from stages.benchmarks.generate import bench_generate
     from stages.benchmarks.ppo_update import PPOBench, model_dir
 
+    _compute_here()
     result = bench_generate(model_dir(PPOBench(model=model)), prompts, max_new_tokens, temperature)
     if as_json:
         typer.echo(json.dumps(result))
@@ -135,6 +145,7 @@ def bench_ppo_update_command(
         bench_config(bench)  # a workload that does not fit fails here, in one line
     except ValueError as err:  # ConfigError (a bad option value) is one already
         raise ConfigError(str(err).splitlines()[0]) from None
+    _compute_here()
     result = bench_ppo_update(bench, baseline=baseline)
     typer.echo(f"PPO update  {bench.prompts}x{bench.samples_per_prompt} rows, <= {bench.response_length} tokens, "
                f"{bench.epochs} epochs x {bench.minibatches} minibatches, kl {bench.kl_coef}, {bench.critic_mode} "
@@ -161,3 +172,38 @@ def bench_ppo_update_command(
         )
     if as_json:
         typer.echo(json.dumps(result))
+
+
+@bench_app.command("contention")
+def bench_contention_command(
+    steps: Annotated[int, typer.Option(min=10, help="SFT steps of each launch (tiny recipe).")] = 300,
+    mode: Annotated[
+        str, typer.Option(help="both, auto (the thread budget) or torch (torch's default threads: before).")
+    ] = "both",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """SFT steps/s alone, two independent processes at once, and --nproc 2, per threads mode."""
+    from flows.bench_contention import MODES, bench_contention
+
+    if mode not in ("both", *MODES):
+        raise ConfigError(f"unknown mode '{mode}' (use both, auto or torch)")
+    result = bench_contention(steps, MODES if mode == "both" else (mode,))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"SFT, tiny recipe, {steps} steps per launch; steps/s of each process (threads)")
+    for name in MODES:
+        if name not in result:
+            continue
+        r = result[name]
+
+        def cell(x: dict) -> str:
+            fewest, last = x["cpu_threads_fewest"], x["cpu_threads"]
+            return f"{x['steps_per_s']:6.1f} ({fewest if fewest == last else f'{fewest}..{last}'} thr)"
+
+        typer.echo(f"  threads={name:5}  alone {cell(r['alone'][0])}   two at once "
+                   f"{cell(r['two_at_once'][0])} {cell(r['two_at_once'][1])}   --nproc 2 {cell(r['nproc_2'][0])}")  # fmt: skip
+        typer.echo(f"                 two at once / alone {r['two_at_once_vs_alone']:.2f}   "
+                   f"--nproc 2 / alone {r['nproc_2_vs_alone']:.2f}")  # fmt: skip
+    if "alone_auto_vs_torch" in result:
+        typer.echo(f"  alone, auto / torch {result['alone_auto_vs_torch']:.2f}")

@@ -260,6 +260,7 @@ def eval_command(
     from stages import evaluate
     from stages.config.evaluation import BENCHMARKS
     from stages.lifecycle.runs import resolve_config
+    from stages.runtime.threads import thread_budget
 
     names = [b.strip() for b in benchmark.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
@@ -273,7 +274,8 @@ def eval_command(
     config, _ = resolve_config(recipe, overrides, run_id=run_id, storage=storage)
     label = label or evaluate.default_label(checkpoint)
     # The evaluate stage's own entry, in this process (`python -m stages.evaluate --checkpoint ...`).
-    evaluate.run(config, checkpoint=checkpoint, label=label)
+    with thread_budget(config.runtime.threads, name="eval"):
+        evaluate.run(config, checkpoint=checkpoint, label=label)
     typer.echo(
         f"run {config.run_id}; report at {RunLayout(config.storage.root_location(), config.run_id).report(label, 'md')}"
     )

@@ -130,7 +130,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
 
     # 5. Train.
     metrics: dict[str, float] = {}
-    for step in range(training.start, cw.steps):
+    for step in training.steps(cw.steps):
         done = step + 1
         # step 5.1 rollouts: sample with the frozen policy, or read this step's rows
         if source is None:

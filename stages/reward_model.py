@@ -89,7 +89,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     last = training.state["train_metrics"] if training.state else {}
 
     # 5. Train: Bradley-Terry (+ reward centering) on each global batch of pairs.
-    for step in range(training.start, rm.steps):
+    for step in training.steps(rm.steps):
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):

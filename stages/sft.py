@@ -72,7 +72,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     last_loss = training.state.get("loss", float("nan")) if training.state else float("nan")
 
     # 5. Train.
-    for step in range(training.start, sft.steps):
+    for step in training.steps(sft.steps):
         indices = shard(batch_indices(len(train), global_batch, step, config.seed), ctx.rank, world)
         done = step + 1
         with at_step(STAGE, done):

@@ -4,8 +4,11 @@ rollout part of every step, with the rows of the 1-rank layout split between the
 
 from __future__ import annotations
 
+import os
+
 from cli_runs import rlpipe, sets
 
+from stages.runtime.threads import cgroup_cpu_quota, usable_cpus
 from storage.layout import RunLayout
 from storage.location import Location
 from storage.manifests import read_manifest
@@ -48,6 +51,11 @@ def test_the_default_recipe_runs_every_stage_on_two_ranks_without_a_batch_key(tm
     for stage in ("critic_warmup", "ppo"):  # 32 prompts x 4 samples: 64 rows on each rank
         assert all(layout.rollout_part(stage, 1, rank).exists() for rank in (0, 1))
         assert read_rollouts(layout.rollouts(stage), steps=[1]).num_rows == 128
+    # The ranks split the CPUs instead of each taking them all (2 threads each on 2 cores before).
+    usable = usable_cpus(os.sched_getaffinity(0), cgroup_cpu_quota())
+    for stage in ("sft", "reward_model", "critic_warmup", "ppo"):
+        threads = read_manifest(layout.manifest(stage)).metrics.get("cpu_threads")
+        assert threads is not None and 2 * threads <= max(usable, 2), (stage, threads, usable)
     # evaluation runs as one process (vLLM spreads one model over GPUs with tensor parallelism)
     report = read_report(layout.report("final", "json"))
     assert list(report["checkpoints"]) == ["initial", "final"]

@@ -16,7 +16,7 @@ from stages.config.evaluation import EvaluateConfig
 from stages.config.models import ModelConfig, TinyModelConfig
 from stages.config.overrides import apply_overrides, load_recipe, validate_config
 from stages.config.ppo import PPOConfig
-from stages.config.run import StorageConfig, WandbConfig
+from stages.config.run import RuntimeConfig, StorageConfig, WandbConfig
 from stages.config.sampling import RewardConfig, SamplingConfig
 from stages.config.section import Section, non_semantic
 from stages.config.task import TaskConfig
@@ -40,6 +40,9 @@ class PipelineConfig(Section):
     )
     wandb: WandbConfig = non_semantic(
         default_factory=WandbConfig, description="Experiment tracking (not part of the config hash)."
+    )
+    runtime: RuntimeConfig = non_semantic(
+        default_factory=RuntimeConfig, description="CPU threads per process (not part of the config hash)."
     )
     model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(policy="tiny"),

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from stages.config.pipeline import PipelineConfig
 from stages.config.section import config_hash
 from stages.models.sources import TINY, input_ref_for
+from stages.runtime.threads import thread_metrics
 from storage.layout import RunLayout
 from storage.manifests import (
     InputRef,
@@ -155,7 +156,7 @@ def finish_stage(ctx: StageContext, outputs: dict[str, str], metrics: dict[str, 
         config_hash=ctx.config_hash,
         inputs=ctx.inputs,
         outputs=outputs,
-        metrics=metrics,
+        metrics={**metrics, **thread_metrics()},  # what it computed with: speed is read against it
         versions=package_versions(),
         started_at=ctx.started_at,
         finished_at=utc_now(),

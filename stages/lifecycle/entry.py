@@ -16,6 +16,7 @@ from stages.config.section import ConfigError
 from stages.data.records import DataError
 from stages.lifecycle.contract import StageError
 from stages.runtime.numerics import NonFiniteError
+from stages.runtime.threads import thread_budget
 from storage.checkpoints import CheckpointError
 from storage.location import StorageError
 from storage.manifests import ManifestError
@@ -69,7 +70,9 @@ def stage_main(
     args = parser.parse_args(argv)
     extra = {name: getattr(args, name) for name in options or {}}
     try:
-        run(load_stage_config(args.config), args.force, **extra)
+        config = load_stage_config(args.config)
+        with thread_budget(config.runtime.threads, name=stage):  # before the stage computes anything
+            run(config, args.force, **extra)
     except USER_ERRORS as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return USER_ERROR_EXIT

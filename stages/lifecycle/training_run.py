@@ -3,7 +3,7 @@
     ctx = claim_stage(STAGE, config, plan(config), force)      # None: complete, skipped
     ... build the engines ...
     training = resume_training(ctx, engines, total_steps)      # newest committed checkpoint, metrics
-    for step in range(training.start, total_steps):
+    for step in training.steps(total_steps):                  # resumed step .. total_steps - 1
         ... one step; training.tracker.log(...); every save_every: training.save(step, {...}) ...
     final = training.export_model("policy", module.save_pretrained, tokenizer)
     training.finish(outputs={...}, metrics={...})              # the manifest, written last
@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from stages.lifecycle.tracking import MetricsTracker
 from stages.models.engine import checkpoint_world_size, load_training_state, save_training_state
 from stages.models.sources import export_model_dir
 from stages.runtime import distributed
+from stages.runtime.threads import refresh_threads
 from storage.checkpoints import latest_committed_step
 from storage.location import Location
 
@@ -76,11 +78,22 @@ class TrainingRun:
     staging: Path
     state: dict[str, Any] | None  # the resumed checkpoint's trainer state; None on a fresh start
     tracker: MetricsTracker
+    speed: dict[str, float] = field(default_factory=dict)  # set by `steps` when the loop ends
 
     @property
     def start(self) -> int:
         """Steps already done: the resumed checkpoint's step, 0 on a fresh start."""
         return self.state["step"] if self.state else 0
+
+    def steps(self, total_steps: int) -> Iterator[int]:
+        """The steps left to do; before each, the CPU threads follow the processes sharing the CPUs.
+        The loop's speed (this launch's steps, checkpoints included) goes into the stage's metrics."""
+        began = time.perf_counter()
+        for step in range(self.start, total_steps):
+            refresh_threads()
+            yield step
+        if total_steps > self.start:
+            self.speed = {"steps_per_s": (total_steps - self.start) / (time.perf_counter() - began)}
 
     def save(
         self,
@@ -115,7 +128,7 @@ class TrainingRun:
         """Close the metrics, release the staging folder, then write the manifest (the last write)."""
         self.tracker.close()
         release_staging_dir(self.staging)
-        finish_stage(self.ctx, outputs=outputs, metrics=metrics)
+        finish_stage(self.ctx, outputs=outputs, metrics={**metrics, **self.speed})
 
 
 def resume_training(ctx: StageContext, engines: dict[str, Any], total_steps: int) -> TrainingRun:

@@ -21,14 +21,11 @@ from pathlib import Path
 
 from fsspec.core import split_protocol
 
+from stages.runtime.cache_dir import cache_root
 from storage.location import Location
 from storage.manifests import InputRef, input_ref
 
 TINY = "tiny"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RLPIPE_CACHE") or Path.home() / ".cache" / "rlpipe")
 
 
 def is_remote(uri: str) -> bool:

@@ -106,7 +106,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
 
     # 5. Train: the 7 points of one step.
     accuracy: dict[str, float] = {}
-    for step in range(start, ppo.steps):
+    for step in training.steps(ppo.steps):
         done = step + 1
         # step 1. prompts (group id = the prompt's index); steps 1-7: `run_step`
         picked = shard(batch_indices(len(train), ppo.prompts_per_step, step, config.seed), rank, world)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from stages.config.sampling import SamplingConfig
+from stages.runtime.threads import refresh_threads
 from stages.sampling.generation import GeneratedSample, eos_ids, row_seed
 
 Tensor = torch.Tensor
@@ -75,6 +76,7 @@ class HFGenerator:
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = prompt_ids[start : start + batch_size]
                 seeds = [row_seed(seed, start + i) for i in range(len(chunk))]
+                refresh_threads()  # an evaluation generates for long: follow the CPUs' sharers
                 samples.extend(self._generate_batch(chunk, sampling, seeds))
         return samples
 

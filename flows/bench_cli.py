@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -22,7 +23,8 @@ def _compute_here() -> None:
     """A bench that computes in this process takes its fair share of the CPUs, as a stage does."""
     from stages.runtime.threads import start_thread_budget
 
-    start_thread_budget("auto", name="bench")  # for the rest of this process
+    # for the rest of this process; its line on stderr, so that `--json` output stays pure JSON
+    start_thread_budget("auto", name="bench", log_to=sys.stderr)
 
 
 @bench_app.command("gae")

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO
 
 import torch
 
@@ -217,11 +217,7 @@ class ThreadBudget:
             self._checked_at = now
             share = fair_share(self.setting, self.cpus, self.leases.sharing())
             if share != self.threads:
-                print(
-                    f"threads: {self.threads} -> {share} (processes sharing the CPUs changed)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _say(f"threads: {self.threads} -> {share} (processes sharing the CPUs changed)")
                 self.apply(share)
         return self.threads
 
@@ -234,19 +230,28 @@ class ThreadBudget:
 
 
 _budget: ThreadBudget | None = None
+# Where the budget's lines go: stdout, with a stage's other progress lines (stderr is for the one
+# line of an error); a command whose stdout is data (`--json`) sends them to stderr.
+_log_to: TextIO | None = None
+
+
+def _say(text: str) -> None:
+    print(text, file=_log_to or sys.stdout, flush=True)
 
 
 def start_thread_budget(
-    setting: int | str = "auto", lease: bool = True, name: str = "rlpipe"
+    setting: int | str = "auto", lease: bool = True, name: str = "rlpipe", log_to: TextIO | None = None
 ) -> ThreadBudget:
     """Decide and apply this process's threads for the rest of its life, once (later calls
     return the same budget). The lease goes with the process (the kernel drops its lock).
 
     `lease`: take part in the machine-wide count (every process that computes for long: stages,
     ranks, benchmarks); a process that launches stages and waits for them does not.
+    `log_to`: where the chosen count is reported (default stdout).
     """
-    global _budget
+    global _budget, _log_to
     if _budget is None:
+        _log_to = log_to
         _budget = _decide(setting, lease, name)
     return _budget
 
@@ -269,7 +274,7 @@ def thread_budget(setting: int | str = "auto", name: str = "rlpipe") -> Iterator
 def _decide(setting: int | str, lease: bool, name: str) -> ThreadBudget:
     if setting == "torch":  # no binding, no lease: every process takes all the machine's cores
         threads = torch.get_num_threads()
-        print(f"{name}: {threads} CPU thread(s) (torch's default)", file=sys.stderr, flush=True)
+        _say(f"{name}: {threads} CPU thread(s) (torch's default)")
         return ThreadBudget(setting, os.cpu_count() or 1, None, threads, threads)
     local_rank, local_size = launch_ranks()
     mask, quota = os.sched_getaffinity(0), cgroup_cpu_quota()
@@ -294,7 +299,7 @@ def _decide(setting: int | str, lease: bool, name: str) -> ThreadBudget:
     except RuntimeError:  # inter-op work already ran in this process: its pool is fixed
         pass
     how = "runtime.threads" if setting != "auto" else f"{cpus} usable CPU(s) shared by {sharing} process(es)"
-    print(f"{name}: {budget.threads} CPU thread(s) ({how})", file=sys.stderr, flush=True)
+    _say(f"{name}: {budget.threads} CPU thread(s) ({how})")
     return budget
 
 

@@ -129,6 +129,15 @@ class Nodes:
             )
 
 
+@dataclass(frozen=True)
+class StageLaunch:
+    """How a stage is started: the command, its extra environment, and where several ranks meet."""
+
+    command: list[str]
+    env: dict[str, str]
+    rendezvous: tuple[str, int] | None = None  # (master address, port) when ranks are launched
+
+
 def stage_command(
     stage: str,
     config_path: str,
@@ -137,26 +146,48 @@ def stage_command(
     stage_args: list[str] | None = None,
     nodes: Nodes | None = None,
     workdir: str | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """The command line and extra environment that run `stage` with `nproc` ranks (per node, with
-    `nodes`); `stage_args` are the stage's own options (e.g. evaluate's `--checkpoint URI --label L`).
-    Several nodes need `workdir`, where the launch's hostfile is written."""
+) -> StageLaunch:
+    """How to run `stage` with `nproc` ranks (per node, with `nodes`); `stage_args` are the stage's
+    own options (e.g. evaluate's `--checkpoint URI --label L`). Several nodes need `workdir`, where
+    the launch's hostfile is written."""
     args = ["--config", config_path] + (["--force"] if force else []) + list(stage_args or [])
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     if not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
     if nproc <= 1 and nodes is None:
-        return [sys.executable, "-m", f"stages.{stage}", *args], env
+        return StageLaunch([sys.executable, "-m", f"stages.{stage}", *args], env)
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc)]
     if nodes is None:
-        launcher += ["--master_port", str(free_port())]
+        rendezvous = ("127.0.0.1", free_port())  # the DeepSpeed launcher's default address
+        launcher += ["--master_port", str(rendezvous[1])]
     else:
+        rendezvous = (nodes.master_addr, nodes.master_port)
         # One line per node: the names only count the nodes and their ranks (no SSH is used).
         hostfile = Path(workdir or tempfile.gettempdir()) / "hostfile"
         hostfile.write_text("".join(f"node-{i} slots={nproc}\n" for i in range(nodes.count)))
         launcher += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(nodes.rank)]
         launcher += ["--master_addr", nodes.master_addr, "--master_port", str(nodes.master_port)]
-    return [*launcher, "--module", f"stages.{stage}", *args], env
+    return StageLaunch([*launcher, "--module", f"stages.{stage}", *args], env, rendezvous)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffers(rendezvous: tuple[str, int]) -> list[Path]:
+    """The shared-memory segments DeepSpeed's CPU all-reduce (its `shm` op) made for a launch.
+
+    Each rank creates `deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}` (about 69 MB) and no
+    DeepSpeed release unlinks it: every multi-rank CPU run would otherwise leave them in RAM (tmpfs)
+    until the machine reboots - 15 GB after a day of tests here, until a stage was OOM-killed.
+    """
+    addr, port = rendezvous
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
+
+
+def remove_shm_buffers(rendezvous: tuple[str, int]) -> None:
+    """Unlink this launch's segments on this node, once none of its ranks is alive."""
+    for path in shm_buffers(rendezvous):
+        path.unlink(missing_ok=True)
 
 
 def kill_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -253,15 +284,15 @@ def run_stage_process(
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, "w") as f:
             f.write(config.model_dump_json(indent=2))
-        command, extra_env = stage_command(stage, config_path, nproc, force, stage_args, nodes, tmp)
+        launch = stage_command(stage, config_path, nproc, force, stage_args, nodes, tmp)
         proc = subprocess.Popen(
-            command,
+            launch.command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
             start_new_session=True,  # its own process group: killable as a whole
-            env={**os.environ, **extra_env},
+            env={**os.environ, **launch.env},
             cwd=cwd,
             preexec_fn=_die_with_parent,
         )
@@ -286,6 +317,8 @@ def run_stage_process(
         finally:
             if proc.poll() is None or _group_alive(proc.pid):
                 kill_process_group(proc)
+            if launch.rendezvous is not None:
+                remove_shm_buffers(launch.rendezvous)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if code != 0:

@@ -25,6 +25,7 @@ from conftest import free_port
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from flows.launcher import remove_shm_buffers
 from stages.config.batches import BatchLayout
 from stages.config.models import OptimConfig
 from stages.models.engine import (
@@ -143,9 +144,12 @@ def _single(phase, zero, checkpoints, tmp, extra=(), expect_ok=True):
 
 
 def _ranks(phase, zero, checkpoints, tmp, n=2):
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(n), "--master_port", str(free_port())]
-    return _run(cmd + _script_args(phase, zero, checkpoints, tmp, []))
+    launcher, port = Path(sys.executable).parent / "deepspeed", free_port()
+    cmd = [str(launcher), "--num_gpus", str(n), "--master_port", str(port)]
+    try:
+        return _run(cmd + _script_args(phase, zero, checkpoints, tmp, []))
+    finally:
+        remove_shm_buffers(("127.0.0.1", port))  # what rlpipe's launcher does after every launch
 
 
 def _outputs(tmp: Path, phase: str, rank: int) -> tuple[dict, dict]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flows.launcher import remove_shm_buffers
 from stages.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,9 +34,13 @@ def moved(tmp_path: Path, model_dir: str, name: str, micro: int, ranks: int = 1,
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
-        launcher = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        launcher, port = str(Path(sys.executable).parent / "deepspeed"), free_port()
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        if ranks > 1:
+            remove_shm_buffers(("127.0.0.1", port))  # what rlpipe's launcher does after every launch
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return load_file(str(out))
 

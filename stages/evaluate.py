@@ -3,7 +3,7 @@
 The pipeline's `evaluate` stage evaluates the starting policy (label `initial`: what PPO started
 from) and PPO's final policy (label `final`), plus any `evaluate.checkpoints` asked for, so the
 report shows what training changed. With `--checkpoint URI --label L` the same entry evaluates one
-checkpoint (local folder, storage URI, hub id or `tiny`) into the run under its label, writing no
+checkpoint (local folder, storage URI, hub id, `tiny` or a packaged model) into the run under its label, writing no
 manifest: what `rlpipe eval` and the scheduled evaluation of a run's newest PPO checkpoint run.
 The metrics: `stages.evaluation.checkpoint`; the reports: `stages.evaluation.report_pages`.
 
@@ -31,7 +31,7 @@ from storage.manifests import read_manifest
 
 STAGE = "evaluate"
 OPTIONS = {
-    "checkpoint": "Evaluate this one checkpoint (HF folder, storage URI, hub id or `tiny`) instead of the "
+    "checkpoint": "Evaluate this one checkpoint (HF folder, storage URI, hub id, `tiny` or `smollm2-135m-instruct`) instead of the "
     "stage's; its report goes under --label and no manifest is written.",
     "label": "The checkpoint's label in the run's reports (with --checkpoint).",
 }

@@ -32,7 +32,14 @@ from stages.models.engine import build_engine
 from stages.models.forward import build_token_batch
 from stages.models.loading import init_reward_model, load_options
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.models.tokenizer import (
+    PromptFormat,
+    load_tokenizer,
+    pad_token_id,
+    prompt_token_ids,
+    response_end_id,
+    uses_chat,
+)
 from stages.models.value_head import reward_model_scores
 from stages.runtime import distributed
 from stages.runtime.numerics import at_step, require_finite
@@ -42,8 +49,8 @@ STAGE = "reward_model"
 
 @dataclass(frozen=True)
 class EncodedPair:
-    chosen_ids: list[int]  # prompt + chosen response + EOS
-    rejected_ids: list[int]  # prompt + rejected response + EOS
+    chosen_ids: list[int]  # prompt + chosen response + response end
+    rejected_ids: list[int]  # prompt + rejected response + response end
     margin: float | None
 
 
@@ -80,7 +87,9 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     if model.config.pad_token_id is None:  # transformers' own scoring of the export needs it
         model.config.pad_token_id = pad_id
     engine = build_engine(model, rm.optim, layout)
-    train, heldout = _encode_pairs(train_text, tokenizer), _encode_pairs(heldout_text, tokenizer)
+    prompt_format = config.task.prompt_format
+    train = _encode_pairs(train_text, tokenizer, prompt_format)
+    heldout = _encode_pairs(heldout_text, tokenizer, prompt_format)
     global_batch = rm.batch_size
     distributed.print0(f"{STAGE}: {len(train)} training pairs, {len(heldout)} held-out pairs")
 
@@ -165,16 +174,19 @@ def _has_test_split(source: str) -> bool:
         return False
 
 
-def _encode_pairs(pairs: list[PreferencePair], tokenizer) -> list[EncodedPair]:
-    """Prompt and responses tokenised separately (as generation sees them), then prompt + response + EOS."""
-    eos = [tokenizer.eos_token_id]
+def _encode_pairs(pairs: list[PreferencePair], tokenizer, prompt_format: PromptFormat) -> list[EncodedPair]:
+    """Prompt and responses tokenised separately (as generation sees them), then prompt + response + the
+    response end (EOS, or the chat template's turn end): the sequences PPO's rollouts will be scored as.
+    A pair without a prompt (its responses carry their own) is not wrapped in the chat template."""
+    chat = uses_chat(tokenizer, prompt_format)
+    end = [response_end_id(tokenizer, chat)]
     encoded = []
     for pair in pairs:
-        prompt_ids = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_token_ids(pair.prompt, tokenizer, chat) if pair.prompt else []
         chosen, rejected = (
             tokenizer(r, add_special_tokens=False)["input_ids"] for r in (pair.chosen, pair.rejected)
         )
-        encoded.append(EncodedPair(prompt_ids + chosen + eos, prompt_ids + rejected + eos, pair.margin))
+        encoded.append(EncodedPair(prompt_ids + chosen + end, prompt_ids + rejected + end, pair.margin))
     return encoded
 
 

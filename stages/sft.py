@@ -25,7 +25,7 @@ from stages.models.engine import build_engine
 from stages.models.forward import build_token_batch, response_logprobs
 from stages.models.loading import load_options, load_policy
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
 from stages.runtime import distributed
 from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step, require_finite
@@ -54,11 +54,16 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     # 2. Tokenizer (the model after the data).
     policy_dir = resolve_model_dir(config.model.policy, config.tiny_model, ctx.endpoint_url)
     tokenizer = load_tokenizer(policy_dir, config.model.trust_remote_code)
+    prompt_format = config.task.prompt_format
 
     # 3. Data (before the engine, so bad data fails in seconds): train problems with worked
     #    solutions; held-out problems for accuracy.
-    train = [p for p in encode_problems(task_problems(config.task, "train"), tokenizer) if p.solution_ids]
-    heldout = encode_problems(task_problems(config.task, "test"), tokenizer)
+    train = [
+        p
+        for p in encode_problems(task_problems(config.task, "train"), tokenizer, prompt_format)
+        if p.solution_ids
+    ]
+    heldout = encode_problems(task_problems(config.task, "test"), tokenizer, prompt_format)
     if not train:
         raise DataError(f"{STAGE}: no training problem of {config.task.dataset!r} has a worked solution")
     check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train", with_solution=True)
@@ -88,7 +93,9 @@ def run(config: PipelineConfig, force: bool = False) -> None:
 
     # 6. Held-out accuracy, greedy and sampled.
     sampler = HFGenerator(
-        engine.module, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer)
+        engine.module,
+        eos_token_id=stop_token_ids(tokenizer, prompt_format),
+        pad_token_id=pad_token_id(tokenizer),
     )
     accuracy = heldout_accuracy(sampler, tokenizer, heldout, config.generation, config.seed)
     training.tracker.log(sft.steps, {f"sft/heldout_{k}": v for k, v in accuracy.items()})
@@ -96,6 +103,7 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     # 7. Export the policy in HF format, then the manifest (last).
     final = training.export_model("policy", engine.module.save_pretrained, tokenizer)
     metrics = {"loss": last_loss, **{f"heldout_{k}": v for k, v in accuracy.items()}}
+    metrics |= {"train_problems": len(train), "heldout_problems": len(heldout)}
     training.finish(outputs={"policy": str(final)}, metrics=metrics)
     distributed.print0(
         f"{STAGE}: done; held-out greedy {accuracy['greedy']:.3f}, sampled {accuracy['sampled']:.3f}; policy at {final}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.config.section import Section
 
@@ -26,9 +26,45 @@ class ArithDifficulty(Section):
     )
 
 
+BUILTIN_TASKS = ("arith", "gsm8k")
+EVALUATION_ONLY = ("math500", "aime24", "aime25")
+
+
 class TaskConfig(Section):
-    dataset: Literal["arith", "gsm8k"] = Field(
-        "arith", description="Training problems: procedurally generated `arith` (offline) or `gsm8k`."
+    dataset: str = Field(
+        "arith",
+        min_length=1,
+        description="Training problems: procedurally generated `arith` (offline), `gsm8k`, or a user's dataset: "
+        "a Hugging Face dataset id, a `save_to_disk` folder, or a .jsonl / .json / .parquet file, read with "
+        "the *_field, answer_format and grader keys below.",
+    )
+    question_field: str = Field("question", description="User's dataset: the field holding the problem text.")
+    answer_field: str = Field(
+        "answer",
+        description="User's dataset: the field the reference answer is read from (see answer_format).",
+    )
+    solution_field: str | None = Field(
+        None,
+        description="User's dataset: the field holding a worked solution (SFT's target, the reward model's "
+        "chosen side); null: none (SFT then has nothing to train on).",
+    )
+    answer_format: Literal["hash", "boxed", "plain"] = Field(
+        "hash",
+        description="User's dataset: how the reference answer is read from answer_field: hash = the number "
+        "after the last '#### ' (GSM8K's solutions), boxed = the last \\boxed{} (MATH's solutions), plain = "
+        "the field as it is.",
+    )
+    grader: Literal["numeric", "boxed"] = Field(
+        "numeric",
+        description="User's dataset: how responses are graded, and what the prompt asks for: numeric = the "
+        "number after '####' (else the last number), compared numerically; boxed = the last \\boxed{}, "
+        "compared by math-verify.",
+    )
+    train_split: str = Field("train", min_length=1, description="User's dataset: the split trained on.")
+    test_split: str | None = Field(
+        "test",
+        description="User's dataset: the held-out split; null: the last heldout_size rows of the train split "
+        "are held out (and never trained on). A single file has one split: use null.",
     )
     train_size: int = Field(
         4000, ge=1, description="Training problems (arith: generated; gsm8k: the first N)."
@@ -42,3 +78,19 @@ class TaskConfig(Section):
     difficulty: ArithDifficulty = Field(
         default_factory=ArithDifficulty, description="Arith difficulty knobs."
     )
+
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="How prompts reach the model: chat = one user turn through the tokenizer's chat template "
+        "(generation starts after the assistant header); plain = the text as is; auto = chat when the "
+        "tokenizer has a template. Every stage and the evaluation render prompts the same way.",
+    )
+
+    @model_validator(mode="after")
+    def _not_a_benchmark(self) -> TaskConfig:
+        if self.dataset in EVALUATION_ONLY:
+            raise ValueError(
+                f"task.dataset {self.dataset} is an evaluation benchmark (a test split only); train on arith, "
+                "gsm8k or your own dataset and evaluate on it with evaluate.benchmarks"
+            )
+        return self

@@ -20,8 +20,9 @@ import re
 import threading
 from decimal import Decimal, InvalidOperation
 
-NUMERIC_DATASETS = frozenset({"arith", "gsm8k"})
-BOXED_DATASETS = frozenset({"math500", "aime24", "aime25"})
+# `numeric` and `boxed` are the graders a user's dataset names (`task.grader`, stages/data/user_tasks.py).
+NUMERIC_DATASETS = frozenset({"arith", "gsm8k", "numeric"})
+BOXED_DATASETS = frozenset({"math500", "aime24", "aime25", "boxed"})
 
 # A number: digits with proper thousands groups or plain digits, optional decimals. A minus sign
 # counts only when it does not follow a word character or ")" ("3-5" is a range, not -5).

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 from typing import Any
 
+from stages.data.dataset_files import open_dataset, require_fields
 from stages.data.grading import grade
 from stages.data.problems import format_prompt
 from stages.data.records import DataError, PreferencePair, Problem
@@ -97,13 +97,9 @@ def preference_pairs_from_hf(
     """Pairs from any dataset with chosen/rejected columns: a hub id, a `save_to_disk` folder, or a
     .jsonl/.json/.parquet file. A field holding a chat (list of {role, content}) contributes the
     content of its last message. `prompt_field=None`: the responses carry their own prompt."""
-    ds = _open_pair_dataset(dataset_id_or_path, split)
+    ds = open_dataset(dataset_id_or_path, split, "preference data")
     wanted = [f for f in (prompt_field, chosen_field, rejected_field, margin_field) if f]
-    for name in wanted:
-        if name not in ds.column_names:
-            raise DataError(
-                f"{dataset_id_or_path} ({split}): no field '{name}' (fields: {', '.join(ds.column_names)})"
-            )
+    require_fields(ds, dataset_id_or_path, split, wanted)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     pairs = []
@@ -117,33 +113,6 @@ def preference_pairs_from_hf(
         )
         pairs.append(PreferencePair(prompt, chosen, rejected, margin))
     return pairs
-
-
-def _open_pair_dataset(source: str, split: str) -> Any:
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
-                ds = ds[split]
-            return ds
-        if path.is_file():
-            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-            if kind is None:
-                raise DataError(
-                    f"{source}: unsupported file type (use .jsonl, .json, .parquet or a dataset folder)"
-                )
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
-        return datasets.load_dataset(source, split=split)
-    except DataError:
-        raise
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load preference data {source} ({split}): {reason}") from None
 
 
 def _as_text(value: Any, where: str, field: str) -> str:

@@ -156,6 +156,8 @@ PROMPT_TEMPLATES: dict[str, str] = {
     "math500": BOXED_PROMPT,
     "aime24": BOXED_PROMPT,
     "aime25": BOXED_PROMPT,
+    "numeric": HASH_PROMPT,  # a user's dataset graded like GSM8K (task.grader)
+    "boxed": BOXED_PROMPT,  # a user's dataset graded like MATH
 }
 
 

@@ -15,7 +15,8 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     id: str  # unique within its dataset, stable across runs (e.g. "gsm8k/test/17", "arith-3fa9c1...")
-    dataset: str  # registry name: arith, gsm8k, aime24, aime25, math500
+    dataset: str  # picks the prompt template and grader: arith, gsm8k, aime24, aime25, math500, or a user's
+    # dataset's grader (numeric, boxed)
     question: str
     answer: str  # the final answer only ("1080", "\\frac{14}{3}")
     solution: str | None = None  # worked solution (SFT target, chosen side of preference pairs)

@@ -12,10 +12,12 @@ from typing import Literal
 
 import torch
 
-from stages.config.task import TaskConfig
+from stages.config.task import BUILTIN_TASKS, TaskConfig
 from stages.data.arith import arith_problems
 from stages.data.problems import format_prompt, load_problems
 from stages.data.records import DataError, Problem
+from stages.data.user_tasks import user_problems
+from stages.models.tokenizer import PromptFormat, prompt_token_ids, render_prompt, response_end_id, uses_chat
 
 # Tokenizers with no context length report this sentinel (transformers' VERY_LARGE_INTEGER).
 _NO_CONTEXT_LENGTH = 10**9
@@ -25,6 +27,8 @@ def task_problems(task: TaskConfig, split: Literal["train", "test"]) -> list[Pro
     n = task.train_size if split == "train" else task.heldout_size
     if task.dataset == "arith":
         return arith_problems(split, n, task.data_seed, task.difficulty)
+    if task.dataset not in BUILTIN_TASKS:
+        return user_problems(task, split)
     problems = load_problems(task.dataset, split, limit=n)
     if not problems:  # an empty file would otherwise fail later, deep in batching
         raise DataError(f"task dataset {task.dataset!r} split {split!r} has no problems")
@@ -34,19 +38,24 @@ def task_problems(task: TaskConfig, split: Literal["train", "test"]) -> list[Pro
 @dataclass(frozen=True)
 class EncodedProblem:
     problem: Problem
-    prompt: str
+    prompt: str  # as the model reads it (through the chat template, if one is used)
     prompt_ids: list[int]
-    solution_ids: list[int]  # the worked solution + EOS (empty when the problem has none)
+    solution_ids: list[int]  # the worked solution + the response end (empty when the problem has none)
 
 
-def encode_problems(problems: list[Problem], tokenizer) -> list[EncodedProblem]:
-    """Prompt and solution tokenised separately, exactly as generation sees them (prompt, then response)."""
+def encode_problems(
+    problems: list[Problem], tokenizer, prompt_format: PromptFormat = "auto"
+) -> list[EncodedProblem]:
+    """Prompt and solution tokenised separately, exactly as generation sees them (prompt, then response);
+    the prompt rendered as `prompt_format` says (`stages.models.tokenizer.prompt_token_ids`)."""
+    chat = uses_chat(tokenizer, prompt_format)
+    end = response_end_id(tokenizer, chat)
     encoded = []
     for problem in problems:
-        prompt = format_prompt(problem)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        text = format_prompt(problem)
+        prompt, prompt_ids = render_prompt(text, tokenizer, chat), prompt_token_ids(text, tokenizer, chat)
         solution_ids = (
-            tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [end]
             if problem.solution
             else []
         )

@@ -24,7 +24,7 @@ from stages.data.records import DataError, Problem
 from stages.data.tasks import task_problems
 from stages.evaluation.metrics import k_values, mean_maj_at_k, mean_pass_at_k
 from stages.lifecycle.contract import StageError
-from stages.models.tokenizer import pad_token_id
+from stages.models.tokenizer import pad_token_id, prompt_token_ids, stop_token_ids, uses_chat
 from stages.sampling.backends import make_generator
 
 STAGE = "evaluate"
@@ -104,7 +104,7 @@ def evaluate_checkpoint(model_dir: str, uri: str, label: str, settings: EvalSett
     generator = make_generator(
         settings.sampling,
         model_dir,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer, settings.task.prompt_format),
         pad_token_id=pad_token_id(tokenizer),
         seed=settings.seed,
         model=settings.model,
@@ -112,9 +112,10 @@ def evaluate_checkpoint(model_dir: str, uri: str, label: str, settings: EvalSett
     try:
         result = CheckpointResult(uri=uri, benchmarks={})
         budget = settings.sampling.max_new_tokens
+        chat = uses_chat(tokenizer, settings.task.prompt_format)  # instruct models read their template
         for name in settings.benchmarks:
             problems = benchmark_problems(name, settings.limits[name], settings.task)
-            prompts = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
+            prompts = [prompt_token_ids(format_prompt(p), tokenizer, chat) for p in problems]
             fits = [context is None or len(ids) + budget <= context for ids in prompts]
             greedy = _generate(
                 generator,

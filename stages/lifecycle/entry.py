@@ -15,6 +15,7 @@ from stages.config.pipeline import PipelineConfig
 from stages.config.section import ConfigError
 from stages.data.records import DataError
 from stages.lifecycle.contract import StageError
+from stages.models.packaged import PackagedModelError
 from stages.runtime.numerics import NonFiniteError
 from stages.runtime.threads import thread_budget
 from storage.checkpoints import CheckpointError
@@ -30,6 +31,7 @@ USER_ERRORS = (
     StorageError,
     ManifestError,
     ReportError,
+    PackagedModelError,  # a packaged model's package not installed, or its file corrupt
     CheckpointError,  # e.g. every committed checkpoint corrupt: the message says what to do
     NonFiniteError,  # deterministic: a rerun from the same checkpoint meets the same NaN
     FileNotFoundError,

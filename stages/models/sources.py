@@ -2,6 +2,8 @@
 
 A model input is one of:
 - `tiny`: the offline tiny model, built (and cached) from the run's `tiny_model` section;
+- a packaged pretrained model (`smollm2-135m-instruct`, `stages.models.packaged`): converted once
+  from the file an installed Python package ships, cached;
 - a local directory;
 - an fsspec URI (s3://..., another run's `{stage}/final/policy`): downloaded once to a local cache;
 - anything else: a Hugging Face hub id, handed to transformers as is.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from fsspec.core import split_protocol
 
+from stages.models.packaged import is_packaged, packaged_model_path, packaged_ref
 from stages.runtime.cache_dir import cache_root
 from storage.location import Location
 from storage.manifests import InputRef, input_ref
@@ -49,6 +52,8 @@ def input_ref_for(uri: str, endpoint_url: str | None = None, tiny_hash: str | No
     """Pin an input URI for a manifest (see the module docstring)."""
     if uri == TINY:
         return InputRef(uri=f"{TINY}:{tiny_hash}", manifest_sha256=None)
+    if is_packaged(uri):
+        return InputRef(uri=packaged_ref(uri), manifest_sha256=None)
     return input_ref(uri, producing_manifest(uri, endpoint_url))
 
 
@@ -106,6 +111,8 @@ def resolve_model_dir(uri: str, tiny_config, endpoint_url: str | None = None) ->
         from stages.models.tiny import tiny_model_path
 
         return str(tiny_model_path(tiny_config))
+    if is_packaged(uri):
+        return str(packaged_model_path(uri))
     local = fetch_model_dir(uri, endpoint_url)
     looks_local = uri.startswith(("/", ".", "file://")) or "/final/" in uri
     if not is_remote(uri) and looks_local and not Path(local).exists():

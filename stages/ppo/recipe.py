@@ -40,7 +40,7 @@ from stages.lifecycle.contract import StageError, StagePlan, make_plan
 from stages.lifecycle.inputs import critic_uri, policy_uri, scoring_reward_model_uri
 from stages.lifecycle.training_run import claim_stage, resume_training
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id
+from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
 from stages.ppo.engines import build_models, save_hf_models
 from stages.ppo.metrics import rollout_table, step_metrics
 from stages.ppo.step import push_weights, run_step
@@ -79,12 +79,12 @@ def run(config: PipelineConfig, force: bool = False) -> None:
     # update pushed (`push_weights`), and sleeps through the updates when colocated.
     generator = make_generator(
         config.generation, dirs["policy"] if config.generation.backend == "vllm" else models.policy,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), seed=config.seed,
+        eos_token_id=stop_token_ids(tokenizer, config.task.prompt_format), pad_token_id=pad_token_id(tokenizer), seed=config.seed,
     )  # fmt: skip
 
     # 3. Data: training prompts (the split every stage uses) and the held-out prompts.
-    train = encode_problems(task_problems(config.task, "train"), tokenizer)
-    heldout = encode_problems(task_problems(config.task, "test"), tokenizer)
+    train = encode_problems(task_problems(config.task, "train"), tokenizer, config.task.prompt_format)
+    heldout = encode_problems(task_problems(config.task, "test"), tokenizer, config.task.prompt_format)
     check_fits(train, tokenizer, config.generation.max_new_tokens, f"{STAGE} train")
     check_fits(heldout, tokenizer, config.generation.max_new_tokens, f"{STAGE} held-out")
 

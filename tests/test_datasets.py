@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from stages.config.task import ArithDifficulty
 from stages.data import arith, preferences, problems
 from stages.data.arith import arith_problems, arith_split
-from stages.data.grading import grade
+from stages.data.grading import BOXED_DATASETS, NUMERIC_DATASETS, grade
 from stages.data.preferences import preference_pairs_from_hf, preference_pairs_from_problems
 from stages.data.problems import DATA_DIR_ENV, format_prompt, load_problems
 from stages.data.records import DataError, PreferencePair, Problem
@@ -253,7 +253,9 @@ def test_prompts_per_dataset():
     assert format_prompt(math, "Q: {question} A:") == "Q: What is $x$ if $x^{2}=4$ and x>0? A:"
     with pytest.raises(DataError, match="neither a known name"):
         format_prompt(math, "no placeholder")
-    assert set(problems.PROMPT_TEMPLATES) == set(problems.DATASET_NAMES)
+    # every dataset and every grader a user's dataset may name has a prompt, and every prompt a grader
+    assert set(problems.DATASET_NAMES) <= set(problems.PROMPT_TEMPLATES)
+    assert set(problems.PROMPT_TEMPLATES) == NUMERIC_DATASETS | BOXED_DATASETS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,8 +72,37 @@ def ensure_gpu_limit(slots: int | None) -> None:
 
 def serve_deployments(gpu_slots: int, eval_cron: str | None = NIGHTLY_CRON) -> None:
     """Serve every deployment from this process until interrupted (flow runs start as subprocesses)."""
+    require_reachable_api()
     ensure_gpu_limit(gpu_slots)
     serve(*build_deployments(eval_cron), print_starting_message=True)
+
+
+def require_reachable_api(timeout_s: float = 5.0) -> str:
+    """The Prefect API URL `serve` registers with; ConfigError when none is set or it does not answer.
+
+    Without PREFECT_API_URL Prefect would start a temporary server inside this process: the
+    deployments would exist there only, no UI would show them, and they would vanish with it.
+    """
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError(
+            "rlpipe serve needs the Prefect server the UI shows: start one (prefect server start) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"no Prefect API answers at {url} ({reason}); is `prefect server start` running there?"
+        ) from None
+    return url
 
 
 def deploy_to_work_pool(

@@ -95,3 +95,24 @@ def test_bench_gae_length_adaptive(capsys):
         capsys, "bench", "gae", "--batch", "4", "--length", "130", "--alpha", "0.05", "--repeats", "1"
     )
     assert code == 0 and "lambda=length-adaptive" in out and "speedup" in out
+
+
+def test_serve_refuses_without_a_prefect_server_the_ui_can_see(tmp_path):
+    """Without PREFECT_API_URL, Prefect would serve into a temporary in-process server no UI shows
+    (before: `rlpipe serve` ran there silently until killed); with an API that does not answer,
+    likewise. Both are one line and exit 1, in seconds."""
+    from conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile that could set an API URL
+    proc = subprocess.run([RLPIPE, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: rlpipe serve needs the Prefect server the UI shows: start one (prefect server start) and set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api"
+    ]
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    proc = subprocess.run(
+        [RLPIPE, "serve"], env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: no Prefect API answers at {url} (")

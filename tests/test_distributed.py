@@ -55,3 +55,18 @@ def test_concurrent_starts_both_initialise():
 def test_build_dir_honours_torch_extensions_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert str(shm_op_build_dir()).startswith(str(tmp_path))
+
+
+def test_the_one_off_op_build_is_announced_and_only_then(tmp_path, monkeypatch, capsys):
+    """The first stage on a machine sits ~40 s building DeepSpeed's CPU comm op: it says so, once."""
+    from deepspeed.accelerator import get_accelerator
+
+    from stages.runtime.distributed import load_shm_op_exclusively
+
+    builder_class = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+    monkeypatch.setattr(builder_class, "load", lambda self, verbose=False: None)  # no 40 s build here
+    load_shm_op_exclusively(tmp_path)
+    assert "building DeepSpeed's CPU communication op" in capsys.readouterr().out
+    (tmp_path / "deepspeed_shm_comm.so").write_bytes(b"")  # what a finished build leaves
+    load_shm_op_exclusively(tmp_path)
+    assert capsys.readouterr().out == ""

@@ -59,6 +59,8 @@ def load_shm_op_exclusively(build_dir: Path | None = None) -> None:
     with open(build_dir / "rlpipe.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
         (build_dir / "lock").unlink(missing_ok=True)
+        if not (build_dir / f"{builder.NAME}.so").exists():  # say why the first stage sits still
+            print0("building DeepSpeed's CPU communication op (once per machine and torch build, ~40 s)")
         builder.load(verbose=False)
 
 

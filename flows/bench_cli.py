@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
@@ -24,7 +23,7 @@ def _compute_here() -> None:
     from stages.runtime.threads import start_thread_budget
 
     # for the rest of this process; its line on stderr, so that `--json` output stays pure JSON
-    start_thread_budget("auto", name="bench", log_to=sys.stderr)
+    start_thread_budget("auto", name="bench", log_to_stderr=True)
 
 
 @bench_app.command("gae")

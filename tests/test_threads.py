@@ -194,3 +194,24 @@ def test_a_bad_thread_count_is_refused_in_one_line_by_the_cli(tmp_path):
     assert proc.stderr.strip() == (
         "error: config key 'runtime.threads': Value error, must be auto, torch or a number of threads >= 1 (got 0)"
     )
+
+
+def test_budget_lines_go_to_the_stream_of_the_moment(monkeypatch):
+    """The budget lives as long as the process; the streams it prints to may not (an in-process
+    `rlpipe bench --json` under a captured stderr, then a later generation refreshing the count).
+    Keeping the stream failed 4 tests of the suite with 'I/O operation on closed file'."""
+    import io
+    import sys
+
+    from stages.runtime import threads
+
+    monkeypatch.setattr(threads, "_log_to_stderr", True)
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    threads._say("one")
+    assert first.getvalue() == "one\n"
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    threads._say("two")
+    assert second.getvalue() == "two\n"

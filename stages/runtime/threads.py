@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO
 
 import torch
 
@@ -231,27 +231,28 @@ class ThreadBudget:
 
 _budget: ThreadBudget | None = None
 # Where the budget's lines go: stdout, with a stage's other progress lines (stderr is for the one
-# line of an error); a command whose stdout is data (`--json`) sends them to stderr.
-_log_to: TextIO | None = None
+# line of an error); a command whose stdout is data (`--json`) sends them to stderr. The stream is
+# looked up when a line is printed, never kept: the budget outlives whoever set sys.stdout then.
+_log_to_stderr = False
 
 
 def _say(text: str) -> None:
-    print(text, file=_log_to or sys.stdout, flush=True)
+    print(text, file=sys.stderr if _log_to_stderr else sys.stdout, flush=True)
 
 
 def start_thread_budget(
-    setting: int | str = "auto", lease: bool = True, name: str = "rlpipe", log_to: TextIO | None = None
+    setting: int | str = "auto", lease: bool = True, name: str = "rlpipe", log_to_stderr: bool = False
 ) -> ThreadBudget:
     """Decide and apply this process's threads for the rest of its life, once (later calls
     return the same budget). The lease goes with the process (the kernel drops its lock).
 
     `lease`: take part in the machine-wide count (every process that computes for long: stages,
     ranks, benchmarks); a process that launches stages and waits for them does not.
-    `log_to`: where the chosen count is reported (default stdout).
+    `log_to_stderr`: report the chosen count on stderr instead of stdout.
     """
-    global _budget, _log_to
+    global _budget, _log_to_stderr
     if _budget is None:
-        _log_to = log_to
+        _log_to_stderr = log_to_stderr
         _budget = _decide(setting, lease, name)
     return _budget
 

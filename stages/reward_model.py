@@ -20,8 +20,10 @@ import torch
 from stages.algorithms import bradley_terry_loss
 from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
+from stages.config.task import PromptFormat
 from stages.config.training import RewardModelConfig
 from stages.data.preferences import preference_pairs_from_hf, preference_pairs_from_problems
+from stages.data.prompt_rendering import prompt_token_ids, response_end_id, uses_chat
 from stages.data.records import DataError, PreferencePair
 from stages.data.tasks import batch_indices, shard, task_problems
 from stages.lifecycle.contract import StageError, StagePlan, make_plan
@@ -32,14 +34,7 @@ from stages.models.engine import build_engine
 from stages.models.forward import build_token_batch
 from stages.models.loading import init_reward_model, load_options
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import (
-    PromptFormat,
-    load_tokenizer,
-    pad_token_id,
-    prompt_token_ids,
-    response_end_id,
-    uses_chat,
-)
+from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.models.value_head import reward_model_scores
 from stages.runtime import distributed
 from stages.runtime.numerics import at_step, require_finite

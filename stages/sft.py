@@ -15,6 +15,7 @@ import torch
 from stages.algorithms import aggregate_loss
 from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
+from stages.data.prompt_rendering import stop_token_ids
 from stages.data.records import DataError
 from stages.data.tasks import EncodedProblem, batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.evaluation.heldout import heldout_accuracy
@@ -25,7 +26,7 @@ from stages.models.engine import build_engine
 from stages.models.forward import build_token_batch, response_logprobs
 from stages.models.loading import load_options, load_policy
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
+from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.runtime import distributed
 from stages.runtime.devices import model_device
 from stages.runtime.numerics import at_step, require_finite

@@ -23,19 +23,13 @@ from cli_runs import rlpipe, sets, stage
 from safetensors.torch import load_file
 
 from stages.config.sampling import SamplingConfig
+from stages.data.prompt_rendering import PromptFormatError, prompt_token_ids, stop_token_ids, turn_end_id
 from stages.data.records import Problem
 from stages.data.tasks import encode_problems
 from stages.models import packaged
 from stages.models.forward import build_token_batch, response_logprobs
 from stages.models.sources import input_ref_for, resolve_model_dir
-from stages.models.tokenizer import (
-    PromptFormatError,
-    load_tokenizer,
-    pad_token_id,
-    prompt_token_ids,
-    stop_token_ids,
-    turn_end_id,
-)
+from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.sampling.hf_sampler import HFGenerator
 from storage.layout import RunLayout
 from storage.location import Location

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from stages.config.section import Section
 
 ArithOp = Literal["+", "-", "*", "/"]
+PromptFormat = Literal["auto", "chat", "plain"]
 
 
 class ArithDifficulty(Section):
@@ -79,7 +80,7 @@ class TaskConfig(Section):
         default_factory=ArithDifficulty, description="Arith difficulty knobs."
     )
 
-    prompt_format: Literal["auto", "chat", "plain"] = Field(
+    prompt_format: PromptFormat = Field(
         "auto",
         description="How prompts reach the model: chat = one user turn through the tokenizer's chat template "
         "(generation starts after the assistant header); plain = the text as is; auto = chat when the "

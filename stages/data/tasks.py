@@ -12,12 +12,12 @@ from typing import Literal
 
 import torch
 
-from stages.config.task import BUILTIN_TASKS, TaskConfig
+from stages.config.task import BUILTIN_TASKS, PromptFormat, TaskConfig
 from stages.data.arith import arith_problems
 from stages.data.problems import format_prompt, load_problems
+from stages.data.prompt_rendering import prompt_token_ids, render_prompt, response_end_id, uses_chat
 from stages.data.records import DataError, Problem
 from stages.data.user_tasks import user_problems
-from stages.models.tokenizer import PromptFormat, prompt_token_ids, render_prompt, response_end_id, uses_chat
 
 # Tokenizers with no context length report this sentinel (transformers' VERY_LARGE_INTEGER).
 _NO_CONTEXT_LENGTH = 10**9
@@ -47,7 +47,7 @@ def encode_problems(
     problems: list[Problem], tokenizer, prompt_format: PromptFormat = "auto"
 ) -> list[EncodedProblem]:
     """Prompt and solution tokenised separately, exactly as generation sees them (prompt, then response);
-    the prompt rendered as `prompt_format` says (`stages.models.tokenizer.prompt_token_ids`)."""
+    the prompt rendered as `prompt_format` says (`stages.data.prompt_rendering`)."""
     chat = uses_chat(tokenizer, prompt_format)
     end = response_end_id(tokenizer, chat)
     encoded = []

@@ -20,11 +20,12 @@ from stages.config.sampling import SamplingConfig
 from stages.config.task import TaskConfig
 from stages.data.grading import extract_answer, grade
 from stages.data.problems import format_prompt, load_problems
+from stages.data.prompt_rendering import prompt_token_ids, stop_token_ids, uses_chat
 from stages.data.records import DataError, Problem
 from stages.data.tasks import task_problems
 from stages.evaluation.metrics import k_values, mean_maj_at_k, mean_pass_at_k
 from stages.lifecycle.contract import StageError
-from stages.models.tokenizer import pad_token_id, prompt_token_ids, stop_token_ids, uses_chat
+from stages.models.tokenizer import pad_token_id
 from stages.sampling.backends import make_generator
 
 STAGE = "evaluate"

@@ -34,13 +34,14 @@ import torch
 from stages.config.batches import stage_layouts
 from stages.config.pipeline import PipelineConfig
 from stages.config.sampling import sampling_plan
+from stages.data.prompt_rendering import stop_token_ids
 from stages.data.tasks import batch_indices, check_fits, encode_problems, shard, task_problems
 from stages.evaluation.heldout import heldout_accuracy
 from stages.lifecycle.contract import StageError, StagePlan, make_plan
 from stages.lifecycle.inputs import critic_uri, policy_uri, scoring_reward_model_uri
 from stages.lifecycle.training_run import claim_stage, resume_training
 from stages.models.sources import resolve_model_dir
-from stages.models.tokenizer import load_tokenizer, pad_token_id, stop_token_ids
+from stages.models.tokenizer import load_tokenizer, pad_token_id
 from stages.ppo.engines import build_models, save_hf_models
 from stages.ppo.metrics import rollout_table, step_metrics
 from stages.ppo.step import push_weights, run_step

@@ -234,18 +234,25 @@ def test_a_killed_stage_is_retried_and_resumes_from_its_last_checkpoint(prefect_
     assert read_manifest(layout.manifest("ppo")) is not None
 
 
-def test_bad_input_in_a_stage_is_not_retried(prefect_api, tmp_path):
+def test_bad_input_in_a_stage_is_not_retried(prefect_api, tmp_path, monkeypatch):
     from flows import pipeline
     from flows.launcher import StageFailed
 
+    launches = []  # every start of the stage process (a retry would start it again)
+
+    def counted(*args, **kwargs):
+        launches.append(args[0])
+        return run_stage_process(*args, **kwargs)
+
+    run_stage_process = pipeline.run_stage_process
+    monkeypatch.setattr(pipeline, "run_stage_process", counted)
     params = StageParams(
         run_id="badstage", storage=str(tmp_path), retries=3,
         overrides=[*PPO_ONLY, "ppo.policy_from=/nonexistent/policy"],  # found missing inside the stage
     )  # fmt: skip
-    started = time.time()
     with pytest.raises(StageFailed, match="model not found: /nonexistent/policy"):
         pipeline.ppo(params)
-    assert time.time() - started < pipeline.RETRY_DELAY_S * 3  # no retry delay was waited
+    assert launches == ["ppo"]  # launched once: bad input is never retried (retries=3 would relaunch)
 
 
 def test_a_batch_layout_that_does_not_fit_the_ranks_fails_in_the_flows_first_step(prefect_api, tmp_path):
